@@ -871,6 +871,7 @@ class Run:
         self.t += 1
         if self.rt.is_main:
             with open(self.dir / "metrics.jsonl", "a") as f:
+                kv = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in kv.items()}  # strict JSON
                 f.write(json.dumps({"t": self.t, "time": round(time.time(), 2), **kv}) + "\n")
 
     def save(self, model, state: dict) -> Path:
@@ -961,9 +962,10 @@ def train(cfg: Config) -> dict:
     if state is None or state["stage"] == "sft":
         if state is None:
             table.append({"cycle": "init", **heldout_metrics(cfg, rt, model, tok, heldout, -1)})
+            run.log(stage="cycle", **table[-1])
         train_sft(cfg, rt, model, train_e, run, state)
-        table.append({"cycle": "sft", **heldout_metrics(cfg, rt, model, tok, heldout, 0)})
-        run.log(stage="cycle", cycle=0, **table[-1])
+        table.append({"cycle": 0, **heldout_metrics(cfg, rt, model, tok, heldout, 0)})  # cycle 0 = after SFT
+        run.log(stage="cycle", **table[-1])
         run.save(model, dict(stage="cycle", cycle=0, table=table))
     start = state["cycle"] if state and state["stage"] == "cycle" else 0
     for cycle in range(start + 1, cfg.cycles + 1):
