@@ -731,15 +731,28 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     held = set(rows[::5]) if len(rows) >= 5 else set()
     train_idx = torch.tensor([i for i in range(n_items) if int(item_rows[i]) not in held])
     held_idx = torch.tensor([i for i in range(n_items) if int(item_rows[i]) in held], dtype=torch.long)
-    disc = heads["disc"]
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr)
+    disc, disc_lm = heads["disc"], heads.get("disc_lm")  # disc_lm: the --disc-model backbone, fine-tuned with the head
+    d_params = list(disc.parameters()) + (list(disc_lm.parameters()) if disc_lm is not None else [])
+    d_opt = torch.optim.AdamW(d_params, lr=cfg.disc_lr)
+    d_rt = rt if disc_lm is not None else Runtime(rt.device, torch.float32)  # the head alone trains in fp32
+    train_groups = [g_ for g_, (row, _) in enumerate(groups) if row not in held]
     g = torch.Generator().manual_seed(derived_seed(cfg.seed, "disc", cycle))
+    d_stats: dict = {}
     for _ in tqdm(range(cfg.disc_steps), desc=f"D_φ c{cycle}", disable=not rt.is_main, leave=False):
-        i_e = train_idx[torch.randint(len(train_idx), (cfg.disc_batch,), generator=g)]
-        i_a = train_idx[torch.randint(len(train_idx), (cfg.disc_batch,), generator=g)]
-        d_loss, d_stats = discriminator_loss(disc(h_e[i_e]), disc(h_a[i_a]))
-        optimizer_step(d_loss, d_opt, Runtime(rt.device, torch.float32), list(disc.parameters()), cfg.max_grad_norm)
+        if disc_lm is None:  # cached π_ref features: balanced random minibatches of expert and agent steps
+            i_e = train_idx[torch.randint(len(train_idx), (cfg.disc_batch,), generator=g)]
+            i_a = train_idx[torch.randint(len(train_idx), (cfg.disc_batch,), generator=g)]
+            f_e_mb, f_a_mb = disc(h_e[i_e]), disc(h_a[i_a])
+        else:  # one packed forward of the backbone over a few trajectories: each step gives one expert, K agent
+            pick = torch.randint(len(train_groups), (cfg.batch_size,), generator=g).tolist()
+            out = pair_logps(disc_lm, encs, [groups[train_groups[i]] for i in pick], cfg.packing, rt, hidden=True)
+            f_e_mb, f_a_mb = disc(out["h_e"]), disc(out["h_a"])
+        d_loss, d_stats = discriminator_loss(f_e_mb, f_a_mb)
+        optimizer_step(d_loss, d_opt, d_rt, d_params, cfg.max_grad_norm)
     with torch.no_grad():
+        if disc_lm is not None:
+            outs = [pair_logps(disc_lm, encs, mb, cfg.packing, rt, hidden=True) for mb in batched(groups, cfg.batch_size)]
+            h_e, h_a = torch.cat([o["h_e"] for o in outs]), torch.cat([o["h_a"] for o in outs])
         f_e, f_a = disc(h_e), disc(h_a)  # (N,)
         _, held_stats = discriminator_loss(f_e[held_idx], f_a[held_idx]) if len(held_idx) else (None, {})
     # 3. step rewards and advantages A = r − b(h_t)
@@ -785,8 +798,7 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
             run.log(stage="reflect", cycle=cycle, **history[-1])
     model.eval()
     summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
-    return {**summary, **{k: v for k, v in d_stats.items() if k != "irl/D_loss"}, "irl/D_loss": d_stats["irl/D_loss"],
-            "irl/D_acc_heldout": float(np.mean([held_stats["irl/D_acc_expert"], held_stats["irl/D_acc_agent"]]))
+    return {**summary, **d_stats, "irl/D_acc_heldout": float(np.mean([held_stats["irl/D_acc_expert"], held_stats["irl/D_acc_agent"]]))
             if held_stats else float("nan"),
             "irl/reward_expert": f_e.mean().item(), "irl/reward_agent": f_a.mean().item(),
             "irl/reward_agent_agree": f_a[agree].mean().item() if agree.any() else float("nan"),
@@ -952,8 +964,15 @@ def train(cfg: Config) -> dict:
     heldout = rng.sample(val_steps, min(cfg.heldout_steps, len(val_steps)))
     d_model = model.config.hidden_size
     if cfg.method == "inverse":
-        run.heads = {"disc": Discriminator(d_model, cfg.disc_hidden).to(rt.device),
-                     "value": Discriminator(d_model, cfg.disc_hidden).to(rt.device)}  # V(h_t): same MLP shape
+        run.heads = {"value": Discriminator(d_model, cfg.disc_hidden).to(rt.device)}  # V(h_t): the same MLP shape
+        if cfg.disc_model:  # a separate causal LM as D_φ's backbone; it must read the policy's token ids
+            disc_lm, disc_tok = load_policy(cfg.disc_model, rt, cfg.attn)
+            if disc_tok.get_vocab() != tok.get_vocab():
+                raise SystemExit(f"error: --disc-model {cfg.disc_model!r} has another tokenizer than --model; "
+                                 "D_φ reads the policy's token ids, so both must share one vocabulary")
+            run.heads["disc_lm"] = disc_lm
+            d_model = disc_lm.config.hidden_size
+        run.heads["disc"] = Discriminator(d_model, cfg.disc_hidden).to(rt.device)
         for k, sd in (state or {}).get("heads", {}).items():
             if k in run.heads:
                 run.heads[k].load_state_dict(sd)
