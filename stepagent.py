@@ -296,7 +296,6 @@ def load_policy(name: str, rt: Runtime, attn: str = "sdpa"):
             path = str(embedded_checkpoint())
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).to(rt.device)
-    tok.padding_side = "left"  # generation appends to the right of every prompt
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -532,7 +531,7 @@ def generate(model, tok, rt: Runtime, prompts: list[list[int]], temperature: flo
     for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=not rt.is_main or len(order) <= batch_size,
                   dynamic_ncols=True, leave=False):
         batch = [prompts[j] for j in order[i:i + batch_size]]
-        enc = tok.pad({"input_ids": batch}, padding=True, return_tensors="pt").to(rt.device)
+        enc = tok.pad({"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt").to(rt.device)
         sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
         with rt.autocast():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
@@ -873,7 +872,8 @@ class Run:
 
     def __init__(self, cfg: Config, rt: Runtime, tok):
         self.dir, self.cfg, self.rt, self.tok, self.t = Path(cfg.out), cfg, rt, tok, 0
-        self.heads: dict[str, nn.Module] = {}
+        self.heads: dict[str, nn.Module] = {}  # D_φ, V and (--disc-model) D_φ's backbone
+        self.table: list[dict] = []  # one row per cycle: the convergence table
         if rt.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -897,7 +897,7 @@ class Run:
         self.tok.save_pretrained(tmp)
         rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-        torch.save({**state, "t": self.t, "rng": rng, "config": dataclasses.asdict(self.cfg),
+        torch.save({**state, "t": self.t, "rng": rng, "table": self.table, "config": dataclasses.asdict(self.cfg),
                     "heads": {k: m.state_dict() for k, m in self.heads.items()}}, tmp / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -976,7 +976,7 @@ def train(cfg: Config) -> dict:
         for k, sd in (state or {}).get("heads", {}).items():
             if k in run.heads:
                 run.heads[k].load_state_dict(sd)
-    table = (state or {}).get("table", [])
+    table = run.table = (state or {}).get("table", [])
     # 1. SFT warm start
     if state is None or state["stage"] == "sft":
         if state is None:
@@ -985,7 +985,7 @@ def train(cfg: Config) -> dict:
         train_sft(cfg, rt, model, train_e, run, state)
         table.append({"cycle": 0, **heldout_metrics(cfg, rt, model, tok, heldout, 0)})  # cycle 0 = after SFT
         run.log(stage="cycle", **table[-1])
-        run.save(model, dict(stage="cycle", cycle=0, table=table))
+        run.save(model, dict(stage="cycle", cycle=0))
     start = state["cycle"] if state and state["stage"] == "cycle" else 0
     for cycle in range(start + 1, cfg.cycles + 1):
         t0 = time.time()
@@ -1007,7 +1007,7 @@ def train(cfg: Config) -> dict:
                **heldout_metrics(cfg, rt, model, tok, heldout, cycle), **stats, "cycle/seconds": time.time() - t0}
         table.append(row)
         run.log(stage="cycle", **row)
-        run.save(model, dict(stage="cycle", cycle=cycle, table=table))
+        run.save(model, dict(stage="cycle", cycle=cycle))
         if cfg.eval_every and cycle % cfg.eval_every == 0 and cycle < cfg.cycles:
             evaluate(cfg, rt, model, tok, run, f"cycle{cycle}")
     print0(rt, "\n" + format_table(table))
