@@ -1033,7 +1033,50 @@ def format_table(table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(run_dir: str) -> Path:
+    """`python stepagent.py plot RUN_DIR`: SFT loss, per-cycle convergence and success rates to RUN_DIR/plot.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found: pass a run directory written by stepagent.py (--out)")
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    sft = [r for r in rows if r.get("stage") == "sft"]
+    cycles = [r for r in rows if r.get("stage") == "cycle" and isinstance(r.get("cycle"), int)]
+    evals = [r for r in rows if r.get("stage") == "eval"]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot([r["step"] for r in sft], [r["sft/loss"] for r in sft])
+    ax[0].set(title="SFT", xlabel="optimizer step", ylabel="NLL of expert action tokens")
+    xs = [r["cycle"] for r in cycles]
+    ax[1].plot(xs, [r["cycle/agreement"] for r in cycles], "o-", label="agreement with â_t")
+    ax[1].set(title="convergence to the expert (held-out steps)", xlabel="cycle (0 = after SFT)", ylabel="agreement")
+    twin = ax[1].twinx()
+    twin.plot(xs, [r["cycle/logp_expert"] for r in cycles], "s--", color="tab:orange", label="log π(â_t|h_t)")
+    twin.set_ylabel("log π(â_t|h_t)")
+    ax[1].legend(loc="upper left"), twin.legend(loc="lower right")
+    for r in evals:
+        splits = {k.split("/")[1]: v for k, v in r.items() if k.startswith("eval/")}
+        ax[2].bar([f"{r['tag']}\n{s}" for s in splits], list(splits.values()))
+    ax[2].set(title="success rate (real environment)", ylim=(0, 1))
+    fig.tight_layout()
+    out = Path(run_dir) / "plot.png"
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: python stepagent.py plot RUN_DIR")
+        plot(argv[1])
+        return None
     cfg = parse_config(argv)
     try:
         return train(cfg)
