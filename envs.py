@@ -27,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
+from dataclasses import replace
 from multiprocessing.connection import wait as wait_conns
 from pathlib import Path
 from typing import Callable, Protocol
@@ -67,7 +68,8 @@ def splits_dir() -> Path:
     """The peers' split files: $STEPAGENT_SPLITS, else ../shared/splits beside the repo."""
     path = Path(os.environ.get("STEPAGENT_SPLITS") or REPO.parent / "shared" / "splits")
     if not path.is_dir():
-        raise EnvError(f"split files not found at {path}: export STEPAGENT_SPLITS=/path/to/splits (ETO's *_indices.json)")
+        raise EnvError(f"split files not found at {path}: export STEPAGENT_SPLITS=/path/to/splits "
+                       "(the folder of ETO's *_indices.json)")
     return path
 
 
@@ -82,7 +84,8 @@ def _import_alfworld():
         import textworld.gym
         from alfworld.agents.environment import alfred_tw_env
     except ImportError:
-        raise EnvError("ALFWorld needs the alfworld package: pip install alfworld==0.4.2 (not the [full] extra)") from None
+        raise EnvError("ALFWorld needs the alfworld package: pip install alfworld==0.4.2 (not the [full] extra)") \
+            from None
     if before is None:  # importing alfworld sets ALFWORLD_DATA=~/.cache/alfworld: don't let it hide our default
         os.environ.pop("ALFWORLD_DATA", None)
     return textworld, alfred_tw_env
@@ -223,7 +226,7 @@ class AlfWorldEnv:
 
 
 def sciworld_task_name(name: str) -> str:
-    """ETO's names ("task-10-measure-melting-point-(known-substance)") to ScienceWorld's (scienceworld.utils.infer_task)."""
+    """ETO's names ("task-10-measure-melting-point-(known-substance)") to ScienceWorld's, as its infer_task does."""
     return re.sub(r"task-(\d|a|b)+-|[()]", "", name).replace("mendellian", "mendelian")
 
 
@@ -256,7 +259,8 @@ class SciWorldEnv:
         try:
             from scienceworld import ScienceWorldEnv
         except ImportError:
-            raise EnvError("ScienceWorld needs the scienceworld package and Java: pip install scienceworld==1.2.3") from None
+            raise EnvError("ScienceWorld needs Java and the scienceworld package: pip install scienceworld==1.2.3") \
+                from None
         self._cls, self._env = ScienceWorldEnv, None
         self.max_steps, self.simplification, self.expert = max_steps, simplification, expert
         self.game, self.steps, self.best = "", 0, 0
@@ -264,7 +268,11 @@ class SciWorldEnv:
     def load(self, game: str) -> None:
         task, variation = _parse_sciworld_game(game)
         if self._env is None:  # the JVM takes ~1-3 s to start: once per object
-            self._env = self._cls("", envStepLimit=10**9)  # we cap turns ourselves
+            try:
+                self._env = self._cls("", envStepLimit=10**9)  # we cap turns ourselves
+            except OSError as e:
+                raise EnvError(f"ScienceWorld could not start Java ({e}): install a JRE, e.g. "
+                               "apt-get install openjdk-17-jre-headless") from None
         self._env.load(task, variation, self.simplification, generateGoldPath=self.expert)
         self.game, self.task_type, self.cap = game, task, self.max_steps or sciworld_max_steps(task)
         self._gold = self._env.get_gold_action_sequence() if self.expert else []
@@ -572,7 +580,8 @@ def _gather(workers: list[_Worker], timeout: float, first: bool = False) -> dict
                 del waiting[i]
         if not waiting or (first and out):
             break
-        ready = wait_conns([w.conn for w in waiting.values()], max(0.0, min(w.deadline for w in waiting.values()) - now))
+        next_deadline = min(w.deadline for w in waiting.values())
+        ready = wait_conns([w.conn for w in waiting.values()], max(0.0, next_deadline - now))
         for i, w in list(waiting.items()):
             if w.conn in ready:
                 try:
@@ -652,6 +661,7 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
     done = {g: r for g, r in _read_jsonl(out_jsonl, "game").items() if g in set(games)}
     todo = deque(g for g in games if g not in done)
     kw = _env_kwargs(env, max_steps, data_dir)
+    start_timeout = max(step_timeout, 60.0)  # loading a game (and a JVM) is slower than a step, more so under load
     n_slots = max(1, min(batch_size, len(todo)))
     workers: list[_Worker | None] = [None] * n_slots
     episodes: list[dict | None] = [None] * n_slots
@@ -671,7 +681,8 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
                 workers[i].close()
                 workers[i] = None
             bar.update(1)
-            bar.set_postfix(success=f"{won[0] / len(done):.3f}", errors=sum(r["error"] is not None for r in done.values()))
+            errors = sum(r["error"] is not None for r in done.values())
+            bar.set_postfix(success=f"{won[0] / len(done):.3f}", errors=errors)
 
         try:
             while todo or any(episodes):
@@ -683,9 +694,9 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
                         workers[i] = workers[i] or _Worker(env, kw)
                         episodes[i] = {"game": game, "task_type": task_type(env, game), "task": "", "transcript": [],
                                        "won": False, "reward": 0.0, "history": None}
-                        workers[i].send("start", game, step_timeout)
+                        workers[i].send("start", game, start_timeout)
                         starting.append(i)
-                for j, (ok, out) in _gather([workers[i] for i in starting], step_timeout).items():
+                for j, (ok, out) in _gather([workers[i] for i in starting], start_timeout).items():
                     i, ep = starting[j], episodes[starting[j]]
                     if not ok:
                         finish(i, error=out)
@@ -697,7 +708,9 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
                 if not live:
                     continue
                 # 2. one policy call for every live episode
-                replies = act_fn([episodes[i]["history"] for i in live])
+                # a copy per call: the policy may keep what it was shown
+                replies = act_fn([replace(episodes[i]["history"], steps=list(episodes[i]["history"].steps))
+                                  for i in live])
                 if len(replies) != len(live):
                     raise ValueError(f"act_fn returned {len(replies)} replies for {len(live)} histories")
                 # 3. every engine takes its step (in parallel); finished episodes are written at once
