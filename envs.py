@@ -93,7 +93,11 @@ def _import_alfworld():
 
 def alfworld_data_dir(path: str | Path | None = None) -> Path:
     """--data flag, else $ALFWORLD_DATA, else ../shared/alfworld beside the repo."""
-    root = Path(path or os.environ.get("ALFWORLD_DATA") or REPO.parent / "shared" / "alfworld").expanduser()
+    env_dir = os.environ.get("ALFWORLD_DATA")
+    if env_dir and Path(env_dir).expanduser() == Path.home() / ".cache" / "alfworld" and \
+            not (Path(env_dir).expanduser() / "json_2.1.1").is_dir():
+        env_dir = None  # `import alfworld` sets this default itself when the user set nothing
+    root = Path(path or env_dir or REPO.parent / "shared" / "alfworld").expanduser()
     if not (root / "json_2.1.1").is_dir() and not (root / "train_games.tar.xz").is_file():
         raise EnvError(f"ALFWorld data not found in {root} (no json_2.1.1/): export ALFWORLD_DATA=/path/to/alfworld "
                        "or pass --data DIR (pip install alfworld && alfworld-download fetches it)")
@@ -173,15 +177,38 @@ def grammar_warning(prompt: str, game: str, data_dir: str | Path | None = None) 
             "the agent's put actions will fail (train and evaluate with the same ALFWorld release)")
 
 
+PUT_COMMAND, MOVE_COMMAND = re.compile(r"^put (.+) in/on (.+)$"), re.compile(r"^move (.+) to (.+)$")
+
+
+def _grammar_fixed_expert(alfred):
+    """alfworld 0.4.2's hand-coded expert speaks the newer "move X to Y", which json_2.1.1 games do not admit: its
+    wrapper then says "look" instead, and the expert wanders until a random admissible command happens to be the put
+    (why expert/train.jsonl loops on tasks that need a put). This expert sees and speaks the game's "put X in/on Y"."""
+    class GrammarFixedExpert(alfred.AlfredExpert):
+        def load(self, gamefile):
+            super().load(gamefile)
+            act = self._handcoded_expert.act
+
+            def translated(game_state, reward, done, last_action=""):
+                state = game_state.copy()
+                state["admissible_commands"] = [PUT_COMMAND.sub(r"move \1 to \2", c)
+                                                for c in game_state["admissible_commands"]]
+                return MOVE_COMMAND.sub(r"put \1 in/on \2", act(state, reward, done, last_action))
+            self._handcoded_expert.act = translated
+    return GrammarFixedExpert
+
+
 class AlfWorldEnv:
     """One ALFWorld game at a time in TextWorld's PDDL engine, with alfworld's wrappers (objects named "apple 1"
-    as in the expert data). expert=True adds the hand-coded expert's next action as info["expert_plan"]."""
+    as in the expert data). expert=True adds the hand-coded expert's next action as info["expert_plan"];
+    fix_expert_grammar=True lets that expert use the game's "put X in/on Y" (see _grammar_fixed_expert)."""
 
-    def __init__(self, max_steps: int | None = None, data_dir: str | Path | None = None, expert: bool = False):
+    def __init__(self, max_steps: int | None = None, data_dir: str | Path | None = None, expert: bool = False,
+                 fix_expert_grammar: bool = False):
         self.data_dir = alfworld_data_dir(data_dir)
         self.textworld, self.alfred = _import_alfworld()
         self.max_steps = max_steps or DEFAULT_MAX_STEPS["alfworld"]
-        self.expert = expert
+        self.expert, self.fix_expert_grammar = expert, fix_expert_grammar
         self.game, self._env, self.steps = "", None, 0
 
     def load(self, game: str) -> None:
@@ -191,7 +218,10 @@ class AlfWorldEnv:
         a = self.alfred
         infos = self.textworld.EnvInfos(won=True, admissible_commands=True,
                                         extras=["gamefile"] + ["expert_plan"] * self.expert)
-        wrappers = [a.AlfredDemangler(), a.AlfredInfos] + [a.AlfredExpert(a.AlfredExpertType.HANDCODED)] * self.expert
+        wrappers = [a.AlfredDemangler(), a.AlfredInfos]
+        if self.expert:
+            fix = self.fix_expert_grammar and alfworld_grammar(str(path)).get("PutObject") == "put {o} in/on {r}"
+            wrappers.append((_grammar_fixed_expert(a) if fix else a.AlfredExpert)(a.AlfredExpertType.HANDCODED))
         env_id = self.textworld.gym.register_games([str(path)], infos, max_episode_steps=self.max_steps,
                                                    asynchronous=False, wrappers=wrappers)
         self._env = self.textworld.gym.make(env_id)
@@ -740,10 +770,12 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
 
 def build_expert(env: str, split: str, out: str | Path, data_dir: str | Path | None = None,
                  max_games: int | None = None, max_steps: int | None = None, game_timeout: float = 90.0,
-                 workers: int = 1, games: list[str] | None = None) -> dict:
+                 workers: int = 1, games: list[str] | None = None, fix_expert_grammar: bool = False) -> dict:
     """Replay the expert over a split into JSONL (the format of $ALFWORLD_DATA/expert/train.jsonl): ALFWorld's
     hand-coded expert (step cap 80, as that file), ScienceWorld's gold path. Resumable: games already in `out` are
-    skipped. A game slower than game_timeout is written with "error". Returns counts {done, won, errors}."""
+    skipped. A game slower than game_timeout is written with "error". Returns counts {done, won, errors}.
+    fix_expert_grammar=True: the ALFWorld expert puts with the game's grammar (wins far more often; not how
+    train.jsonl was made)."""
     _check_env(env)
     if env == "webshop":
         raise EnvError("no WebShop expert here: WebShop's human demonstrations come with the WebShop repository")
@@ -754,6 +786,8 @@ def build_expert(env: str, split: str, out: str | Path, data_dir: str | Path | N
     todo = deque(g for g in games if g not in have)
     cap = max_steps or (80 if env == "alfworld" else 10**6)  # ScienceWorld: the gold path's own length
     kw = _env_kwargs(env, cap, data_dir, expert=True)
+    if fix_expert_grammar and env == "alfworld":
+        kw["fix_expert_grammar"] = True
     pool = [_Worker(env, kw) for _ in range(max(1, min(workers, len(todo))))]
     busy: dict[int, str] = {}
     counts = {"done": len(games) - len(todo), "won": sum(bool(r.get("won")) for g, r in have.items() if g in games),

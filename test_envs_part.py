@@ -245,6 +245,15 @@ def test_build_expert_reproduces_train_jsonl_and_resumes(tmp_path):
     assert all(t.steps for t in data.load_trajectories(out))
 
 
+def test_grammar_fixed_expert_puts_with_the_games_grammar(tmp_path):
+    """alfworld 0.4.2's expert says "move X to Y", which json_2.1.1 games refuse; fixed, it puts and wins directly."""
+    game = list(PLANS)[3]  # pick_and_place_simple: the task needs a put
+    out = tmp_path / "fixed.jsonl"
+    assert envs.build_expert("alfworld", "valid_seen", out, games=[game], fix_expert_grammar=True)["won"] == 1
+    actions = [s["action"] for s in read(out)[0]["steps"]]
+    assert actions[-1] == "put book 1 in/on sofa 1" and len(actions) <= 10 and "examine sofa 1" not in actions
+
+
 @pytest.mark.slow
 def test_build_expert_timeout_is_recorded(tmp_path, monkeypatch):
     """A game the expert cannot finish within game_timeout is written with an error and the builder goes on."""
@@ -257,10 +266,10 @@ def test_build_expert_timeout_is_recorded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(envs.AlfWorldEnv, "step", slow_step)
     out = tmp_path / "expert.jsonl"
-    envs.build_expert("alfworld", "valid_seen", out, max_games=2, game_timeout=5)
+    envs.build_expert("alfworld", "valid_seen", out, game_timeout=15, games=[FIRST_SEEN[0], FIRST_SEEN[2]])
     recs = {r["game_file"]: r for r in read(out)}
-    assert recs[FIRST_SEEN[0]]["error"] == "TimeoutError: game took over 5 s" and "won" not in recs[FIRST_SEEN[0]]
-    assert "error" not in recs[FIRST_SEEN[1]]
+    assert recs[FIRST_SEEN[0]]["error"] == "TimeoutError: game took over 15 s" and "won" not in recs[FIRST_SEEN[0]]
+    assert "error" not in recs[FIRST_SEEN[2]]
 
 
 @pytest.mark.slow
