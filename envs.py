@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import tarfile
 import time
 import urllib.error
@@ -543,6 +544,7 @@ def _play_expert(obj, game: str) -> dict:
 
 def _serve(conn, env: str, kw: dict) -> None:
     """Child-process loop: one env object; commands in, ("ok", result) or ("error", message) out."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it closes us in order
     obj = None
     try:
         while True:
@@ -579,11 +581,15 @@ class _Worker:
         self.proc = ctx.Process(target=_serve, args=(child, env, kw), daemon=True)
         self.proc.start()
         child.close()
-        self.deadline = 0.0
+        self.deadline, self.crashed = 0.0, ""
 
     def send(self, cmd: str, arg: object, timeout: float) -> None:
-        self.conn.send((cmd, arg))
         self.deadline = time.monotonic() + timeout
+        try:
+            self.conn.send((cmd, arg))
+            self.crashed = ""
+        except OSError:  # the child is gone (killed from outside, out of memory): _gather reports it
+            self.crashed = f"EnvCrash: the engine process died (exit code {self.proc.exitcode})"
 
     def close(self) -> None:
         if self.proc.is_alive():
@@ -601,7 +607,8 @@ class _Worker:
 def _gather(workers: list[_Worker], timeout: float, first: bool = False) -> dict[int, tuple[bool, object]]:
     """Answers of workers that were sent a command: {index: (ok, result or error message)}. An answer missing at
     the worker's deadline reads as a timeout error. first=True returns as soon as any answer (or timeout) is in."""
-    waiting, out = dict(enumerate(workers)), {}
+    out = {i: (False, w.crashed) for i, w in enumerate(workers) if w.crashed}
+    waiting = {i: w for i, w in enumerate(workers) if not w.crashed}
     while waiting and not (first and out):
         now = time.monotonic()
         for i, w in list(waiting.items()):

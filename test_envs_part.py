@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -186,7 +187,7 @@ def test_evaluate_histories_are_training_trajectories(tmp_path):
 
 
 def test_engine_failure_and_hang_fail_one_episode_and_the_loop_goes_on(tmp_path, monkeypatch):
-    """An exception or a hang inside an engine step is recorded as that game's error; the other games still win."""
+    """An exception, a hang or a crash in an engine step is recorded as that game's error; the others still win."""
     real_step = envs.AlfWorldEnv.step
 
     def flaky_step(self, action):
@@ -194,17 +195,22 @@ def test_engine_failure_and_hang_fail_one_episode_and_the_loop_goes_on(tmp_path,
             raise RuntimeError("engine exploded")
         if action == "hang":
             time.sleep(60)
+        if action == "die":
+            os._exit(3)  # the engine process crashes outright
         return real_step(self, action)
 
     monkeypatch.setattr(envs.AlfWorldEnv, "step", flaky_step)  # the engine's child process is forked: it sees this
-    plans = {FIRST_SEEN[0]: ["go to sidetable 1", "boom"], FIRST_SEEN[1]: ["hang"], FIRST_SEEN[2]: PLANS[FIRST_SEEN[2]]}
-    summary = envs.evaluate("alfworld", "valid_seen", replay(plans), tmp_path / "e.jsonl", n_games=3, batch_size=2,
+    fourth = envs.list_games("alfworld", "valid_seen")[3]
+    plans = {FIRST_SEEN[0]: ["go to sidetable 1", "boom"], FIRST_SEEN[1]: ["hang"], FIRST_SEEN[2]: PLANS[FIRST_SEEN[2]],
+             fourth: ["die"]}
+    summary = envs.evaluate("alfworld", "valid_seen", replay(plans), tmp_path / "e.jsonl", n_games=4, batch_size=2,
                             max_steps=10, step_timeout=3)
     recs = {r["game"]: r for r in read(tmp_path / "e.jsonl")}
     assert "RuntimeError: engine exploded" in recs[FIRST_SEEN[0]]["error"] and recs[FIRST_SEEN[0]]["steps"] == 1
     assert recs[FIRST_SEEN[1]]["error"].startswith("TimeoutError") and not recs[FIRST_SEEN[1]]["won"]
     assert recs[FIRST_SEEN[2]]["won"] and recs[FIRST_SEEN[2]]["error"] is None
-    assert summary["errors"] == 2 and summary["n"] == 3
+    assert recs[fourth]["error"].startswith("EnvCrash")
+    assert summary["errors"] == 3 and summary["n"] == 4
 
 
 def test_evaluate_resumes_where_it_stopped(tmp_path):
