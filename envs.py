@@ -686,8 +686,8 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
 
     act_fn(histories) -> replies: each history is a data.Trajectory of the episode so far (task = first observation),
     rendered by the policy exactly as in training; the env gets data.parse_action(reply). Each finished episode is
-    one flushed JSONL line (game, task_type, steps, won, reward, error, task, transcript); rerunning with the same
-    out_jsonl skips games already there. An engine error or a step slower than step_timeout fails that episode only.
+    one flushed JSONL line (game, task_type, steps, won, reward, error, max_steps, task, transcript); rerunning with
+    the same out_jsonl skips games already there. An engine error or a step slower than step_timeout fails that episode only.
     Returns summarize() over all requested games in out_jsonl.
     """
     _check_env(env)
@@ -695,7 +695,11 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
     games = list_games(env, split, data_dir)[:n_games]
     out_jsonl = Path(out_jsonl)
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    done = {g: r for g, r in _read_jsonl(out_jsonl, "game").items() if g in set(games)}
+    wanted = set(games)
+    done = {g: r for g, r in _read_jsonl(out_jsonl, "game").items() if g in wanted}
+    if other := {r.get("max_steps") for r in done.values()} - {max_steps}:
+        raise EnvError(f"{out_jsonl} holds episodes played with max_steps={other.pop()}, not {max_steps}: "
+                       "pass a new output file (results with different caps do not mix)")
     todo = deque(g for g in games if g not in done)
     kw = _env_kwargs(env, max_steps, data_dir)
     start_timeout = max(step_timeout, 60.0)  # loading a game (and a JVM) is slower than a step, more so under load
@@ -709,7 +713,7 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
             ep = episodes[i]
             rec = {"game": ep["game"], "task_type": ep["task_type"], "steps": len(ep["transcript"]),
                    "won": bool(ep["won"]) and error is None, "reward": ep["reward"], "error": error,
-                   "task": ep["task"], "transcript": ep["transcript"]}
+                   "max_steps": max_steps, "task": ep["task"], "transcript": ep["transcript"]}
             f.write(json.dumps(rec) + "\n")
             f.flush()
             done[ep["game"]], episodes[i] = rec, None

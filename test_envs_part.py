@@ -227,6 +227,8 @@ def test_evaluate_resumes_where_it_stopped(tmp_path):
 
     summary = envs.evaluate("alfworld", "valid_seen", act, out, n_games=3, batch_size=2, max_steps=10)
     assert set(played) == {FIRST_SEEN[2]} and summary["n"] == 3 and summary["success"] == 1.0
+    with pytest.raises(envs.EnvError, match="max_steps=10, not 20"):
+        envs.evaluate("alfworld", "valid_seen", act, out, n_games=3, max_steps=20)
 
 
 # ----------------------------------------------------------------------------- expert builders
