@@ -95,6 +95,49 @@ def test_webshop_without_server_says_what_to_run():
     assert envs.list_games("webshop", "test")[:2] == ["2853", "5934"]
 
 
+def test_webshop_client_speaks_reacts_protocol(monkeypatch):
+    """Against a stand-in server: search, click a product, pick an option, buy; the score page ends the episode."""
+    import http.server
+    import threading
+    import urllib.parse
+
+    pages = {
+        "/fixed_7": "<html><head><title>t</title></head><body><div>Instruction: red shoes, size 9</div>"
+                    "<button>Search</button></body></html>",
+        "/search_results/fixed_7/red shoes/1": "<body><button>Back to Search</button><h4>Page 1</h4>"
+                                              "<a class='product-link' href='#'>B01</a><h4>Red shoe</h4></body>",
+        "/item_page/fixed_7/B01/red shoes/1/{}": "<body><h4>size</h4><label>9</label><label>10</label>"
+                                               "<button>Buy Now</button></body>",
+        "/item_page/fixed_7/B01/red shoes/1/{'size': '9'}": "<body><label>9</label><button>Buy Now</button></body>",
+        "/done/fixed_7/B01/{'size': '9'}": "<body><h1>Thank you</h1><h3>Your score (min 0.0, max 1.0)</h3>"
+                                          "<h3>0.75</h3></body>",
+    }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages.get(urllib.parse.unquote(self.path))
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write((body or "not found").encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("WEBSHOP_URL", f"http://127.0.0.1:{server.server_port}")
+    env = envs.make_env("webshop", "7")
+    obs, _ = env.reset()
+    assert "Instruction: red shoes, size 9" in obs and "[Search]" in obs
+    assert "[B01]" in env.step("search[red shoes]")[0]
+    assert env.step("click[B99]")[0].startswith("Invalid action")
+    assert "[9]" in env.step("click[B01]")[0]
+    env.step("click[9]")
+    obs, reward, done, info = env.step("click[Buy Now]")
+    assert done and reward == 0.75 and not info["won"] and obs == "Your score (min 0.0, max 1.0): 0.75"
+    server.shutdown()
+
+
 def test_grammar_is_read_from_the_game():
     """json_2.1.1 games say "put X in/on Y": our system prompt matches; a prompt teaching "move X to Y" is flagged."""
     grammar = envs.alfworld_grammar(FIRST_SEEN[0])
