@@ -71,7 +71,7 @@ class Config:
     resume: bool = False  # continue from the newest complete checkpoint in --out
     # --- model
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # HF id or local dir; the default works offline (embedded)
-    attn: str = "sdpa"  # attention kernel: sdpa | eager (tree packing needs one of these two)
+    attn: str = "sdpa"  # attention kernel: sdpa | eager | flash_attention_2 (ignores 4-D masks: --packing pairs)
     dtype: str = "auto"  # auto (CUDA: bf16, else fp16+GradScaler; CPU: fp32) | fp32 | bf16 | fp16
     # --- data
     data: str = ""  # expert trajectories (.json ETO or .jsonl); default $ALFWORLD_DATA/expert/train_planner.json
@@ -128,7 +128,7 @@ class Config:
         checks = [("method", self.method in ("implicit", "inverse"), "implicit or inverse"),
                   ("packing", self.packing in ("tree", "pairs"), "tree or pairs"),
                   ("dtype", self.dtype in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
-                  ("attn", self.attn in ("sdpa", "eager"), "sdpa or eager"),
+                  ("attn", self.attn in ("sdpa", "eager", "flash_attention_2"), "sdpa, eager or flash_attention_2"),
                   ("on-too-long", self.on_too_long in ("skip", "truncate"), "skip or truncate"),
                   ("baseline", self.baseline in ("auto", "group", "value"), "auto, group or value"),
                   ("beta", self.beta > 0, "> 0"), ("samples-per-step", self.samples_per_step >= 1, ">= 1"),
@@ -476,7 +476,7 @@ def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_s
         order = np.random.default_rng(derived_seed(cfg.seed, "sft", k // steps_per_epoch)).permutation(len(local))
         idx = order[(k % steps_per_epoch) * per_step:(k % steps_per_epoch + 1) * per_step]
         micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-        losses, tokens = [], 0
+        losses, tokens, lr = [], 0, sched.get_last_lr()[0]  # the rate this step trains with (sched.step() comes after)
         for m, mb in enumerate(micro):
             encs = [local[i] for i in mb]
             packed = pack_tree(encs, [list(range(len(e.action_spans))) for e in encs], [[] for _ in encs], rt.device)
@@ -486,7 +486,7 @@ def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_s
             norm = optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, sched, accumulate=m < len(micro) - 1)
             losses.append(loss.item())
             tokens += packed["tokens"]
-        stats = {"sft/loss": float(np.mean(losses)), "sft/lr": sched.get_last_lr()[0], "sft/grad_norm": norm,
+        stats = {"sft/loss": float(np.mean(losses)), "sft/lr": lr, "sft/grad_norm": norm,
                  "sft/tokens": tokens, "sft/epoch": k // steps_per_epoch}
         run.log(stage="sft", step=k + 1, **stats)
         bar.set_postfix(loss=f"{stats['sft/loss']:.3f}", lr=f"{stats['sft/lr']:.1e}")
@@ -643,6 +643,7 @@ def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected
         steps = batched(order, cfg.reflect_batch)
         for step in tqdm(steps, desc=f"reflect c{cycle} e{epoch}", disable=not rt.is_main, dynamic_ncols=True, leave=False):
             micro = batched(step, cfg.batch_size)
+            n_pairs = sum(len(items) for _, items in step)
             for m, mb in enumerate(micro):
                 with torch.no_grad():
                     lr_ = pair_logps(ref, encs, mb, cfg.packing, rt)
@@ -652,7 +653,8 @@ def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected
                     loss, stats = implicit_reward_loss(lp["logp_e"], lp["logp_a"], lr_["logp_e"], lr_["logp_a"], cfg.beta)
                     if cfg.sft_weight:  # ours: keep the expert actions likely while pushing the margin
                         loss = loss - cfg.sft_weight * lp["logp_e"].mean()
-                    optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
+                    weight = sum(len(items) for _, items in mb) / n_pairs  # every pair of the step weighs the same
+                    optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
                 tokens += lp["tokens"] + lr_["tokens"]
                 history.append(stats)
             run.log(stage="reflect", cycle=cycle, **history[-1])
@@ -906,9 +908,8 @@ class Run:
                     "heads": {k: m.state_dict() for k, m in self.heads.items()}}, tmp / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in sorted(self.dir.glob("ckpt-[0-9]*"))[:-2]:  # keep the two newest complete checkpoints
-            if old.suffix != ".tmp":
-                shutil.rmtree(old, ignore_errors=True)
+        for old in _checkpoints(self.dir)[:-2]:  # keep the two newest complete checkpoints
+            shutil.rmtree(old, ignore_errors=True)
         return final
 
     def restore(self, path: Path) -> dict:
@@ -943,14 +944,12 @@ def train(cfg: Config) -> dict:
         for split in [s for s in cfg.eval_splits.split(",") if s]:
             envs.list_games(cfg.env, split, cfg.env_data or None)
     out = Path(cfg.out)
-    has_ckpt = any(out.glob("ckpt-[0-9]*")) if out.exists() else False
-    if has_ckpt and not cfg.resume:
-        raise SystemExit(f"error: --out {out} already holds checkpoints: pass --resume to continue it, or a new --out")
-    ckpt = None
-    if cfg.resume:
-        ckpt = _latest(out)
-        if ckpt is None:
-            print0(rt, f"--resume: no complete checkpoint in {out}, starting fresh")
+    if (_checkpoints(out) or (out / "metrics.jsonl").exists()) and not cfg.resume:
+        raise SystemExit(f"error: --out {out} already holds a run: pass --resume to continue it, or a new --out")
+    ckpt = (_checkpoints(out) or [None])[-1] if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        print0(rt, f"--resume: no complete checkpoint in {out}, starting fresh")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     if cfg.packing == "tree" and cfg.attn not in ("sdpa", "eager"):
         print0(rt, f"--attn {cfg.attn} ignores 4-D attention masks: using --packing pairs")
         cfg.packing = "pairs"
@@ -1018,13 +1017,13 @@ def train(cfg: Config) -> dict:
     print0(rt, "\n" + format_table(table))
     # 6. evaluation in the real environment
     summaries = evaluate(cfg, rt, model, tok, run, "final")
-    print0(rt, f"run directory: {run.dir} (checkpoint: {_latest(run.dir)})")
+    print0(rt, f"run directory: {run.dir} (checkpoint: {_checkpoints(run.dir)[-1]})")
     return {"table": table, "eval": summaries, "out": str(run.dir)}
 
 
-def _latest(out: Path) -> Path | None:
-    done = [p for p in sorted(out.glob("ckpt-[0-9]*")) if not p.name.endswith(".tmp") and (p / "state.pt").exists()]
-    return done[-1] if done else None
+def _checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first: a ckpt-*.tmp left by a crash is not one."""
+    return [p for p in sorted(out.glob("ckpt-[0-9]*")) if not p.name.endswith(".tmp") and (p / "state.pt").exists()]
 
 
 def format_table(table: list[dict]) -> str:

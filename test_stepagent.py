@@ -2,12 +2,25 @@
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
+import random
+import shutil
+import types
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads are 5x slower on shared CPUs
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+import data
+import stepagent as sa
+from data import (DataError, Step, Trajectory, agent_turn, clean_observation, default_expert_path, encode_action,
+                  encode_dataset, encode_prompt, encode_trajectory, load_trajectories, normalize_action,
+                  parse_action, render_messages, split_trajectories, strip_banner, system_prompt)
 
 # ----------------------------------------------------------------------------- tiny offline model + tokenizer
 
@@ -51,6 +64,718 @@ def tiny_model(attn_implementation: str = "eager", seed: int = 0):
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
                       tie_word_embeddings=True, attn_implementation=attn_implementation)
     return LlamaForCausalLM(cfg).eval()
+
+
+# ============================================================================= data.py: expert trajectories
+
+EXPERT_DIR = Path(__file__).resolve().parent.parent / "shared" / "alfworld" / "expert"
+GAME = "look_at_obj_in_light-AlarmClock-None-DeskLamp-301/trial_T20190907_174127_043461"
+BANNER = "-= Welcome to TextWorld, ALFRED! =-\n\n"
+TASK = "You are in the middle of a room. Looking quickly around you, you see a shelf 1.\n\nYour task is to: find apple."
+END = "<|im_end|>"
+
+
+def thought_traj() -> Trajectory:
+    """A small trajectory with a Thought and a final reply without observation."""
+    steps = [Step("go to shelf 1", "On the shelf 1, you see an apple 1.", "Find it."),
+             Step("take apple 1 from shelf 1", "")]
+    return Trajectory("t-1/trial", TASK, steps)
+
+
+def write(path: Path, records: list, jsonl: bool) -> Path:
+    path.write_text("\n".join(map(json.dumps, records)) if jsonl else json.dumps(records))
+    return path
+
+
+# ----------------------------------------------------------------------------- text conventions
+
+
+def test_text_conventions():
+    """Banner and "You arrive at loc N." go; actions parse out of Thought/Action replies, bare or unparseable ones."""
+    assert strip_banner(BANNER + TASK + "\n") == TASK
+    assert clean_observation("You arrive at loc 23. On the desk 1, you see a pen. ") == "On the desk 1, you see a pen."
+    assert clean_observation("You pick up the apple 1.") == "You pick up the apple 1."
+    assert parse_action("Thought: I need the apple.\nAction: take apple 1 from shelf 1\nObservation: ...") == \
+        "take apple 1 from shelf 1"
+    assert parse_action("\n  go to shelf 1  \nsomething else") == "go to shelf 1"
+    assert parse_action("Thought: no action here ") == "Thought: no action here"
+    assert parse_action("") == ""
+    assert normalize_action("Action:  Go to  Shelf 1.") == normalize_action("go to shelf 1") == "go to shelf 1"
+    assert agent_turn(Step("look", "x", "Hmm.")) == "Thought: Hmm.\nAction: look"
+    assert agent_turn(Step("look", "x")) == "look"
+
+
+def test_system_prompts_and_rendering():
+    """Each env's prompt names its commands; h_t holds the task then t action/observation pairs."""
+    assert "put X in/on Y" in system_prompt("alfworld") and "Reply with one action." in system_prompt("alfworld")
+    assert "focus on X" in system_prompt("sciworld") and "search[query]" in system_prompt("webshop")
+    with pytest.raises(DataError, match="unknown env 'nethack'"):
+        system_prompt("nethack")
+    traj = thought_traj()
+    assert [m["role"] for m in render_messages(traj, 0)] == ["system", "user"]
+    full = render_messages(traj)
+    assert [m["role"] for m in full] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert full[2]["content"] == "Thought: Find it.\nAction: go to shelf 1" and render_messages(traj, 1) == full[:4]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_real_files_load_the_same_game():
+    """The ETO planner file and the structured JSONL give the same task, type and game for the same game."""
+    planner = {t.id: t for t in load_trajectories(EXPERT_DIR / "train_planner.json")}
+    structured = load_trajectories(EXPERT_DIR / "train.jsonl")
+    assert len(planner) == 3554 and len(structured) == 283  # only won records, the one "error" record skipped
+    assert len(load_trajectories(EXPERT_DIR / "train.jsonl", only_won=False)) == 432
+    a, b = planner[GAME], next(t for t in structured if t.id == GAME)
+    assert a.task == b.task and a.task.startswith("You are in the middle") and a.task.endswith("under the desklamp.")
+    assert a.task_type == b.task_type == "look_at_obj_in_light" and a.game_file == b.game_file
+    assert all(t.id in planner and planner[t.id].task == t.task for t in structured)
+    assert not any(s.observation.startswith("You arrive") for t in structured for s in t.steps)
+
+
+def test_max_trajectories_is_a_stable_subset(tmp_path):
+    """Subsampling picks the same ids whatever the file order."""
+    five = load_trajectories(EXPERT_DIR / "train_planner.json", max_trajectories=5)
+    assert len(five) == 5 and five == load_trajectories(EXPERT_DIR / "train_planner.json", max_trajectories=5)
+    records = json.loads((EXPERT_DIR / "train_planner.json").read_text())[:50]
+    a = load_trajectories(write(tmp_path / "a.json", records, False), max_trajectories=7)
+    b = load_trajectories(write(tmp_path / "b.json", records[::-1], False), max_trajectories=7)
+    assert [t.id for t in a] == [t.id for t in b]
+
+
+def test_tiny_files_in_both_formats_give_one_trajectory(tmp_path):
+    """A hand-written ETO record and structured record of one game load into equal Trajectory objects."""
+    game = "json_2.1.1/train/t-1/trial/game.tw-pddl"
+    eto = [{"game_file": game, "conversations": [
+        {"from": "human", "value": BANNER + TASK},
+        {"from": "gpt", "value": "Thought: Find it.\nAction: go to shelf 1"},
+        {"from": "human", "value": "You arrive at loc 3. On the shelf 1, you see an apple 1."},
+        {"from": "gpt", "value": "take apple 1 from shelf 1"}]}]
+    rec = {"game_file": game, "initial_observation": BANNER + TASK, "won": True, "steps": [
+        {"thought": "Find it.", "action": "go to shelf 1",
+         "observation": "You arrive at loc 3. On the shelf 1, you see an apple 1."},
+        {"action": "take apple 1 from shelf 1", "observation": ""}]}
+    skipped = [{**rec, "won": False}, {"game_file": game, "error": "TimeoutError"}]
+    want = Trajectory("t-1/trial", TASK, thought_traj().steps, "alfworld", "t", game)
+    assert load_trajectories(write(tmp_path / "eto.json", eto, False)) == [want]
+    assert load_trajectories(write(tmp_path / "rec.jsonl", [rec, *skipped], True)) == [want]
+    sci = load_trajectories(write(tmp_path / "sci.jsonl", [{"id": "boil-3", **rec}], True), env="sciworld")
+    assert sci[0].env == "sciworld" and sci[0].id == "boil-3" and sci[0].task_type == "boil"
+
+
+GOOD = {"id": "g", "initial_observation": "task", "steps": [{"action": "look", "observation": "ok"}], "won": True}
+CONV = {"id": "g", "conversations": [{"from": "human", "value": "task"}, {"from": "gpt", "value": "look"},
+                                     {"from": "gpt", "value": "look"}]}
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", json.dumps(GOOD) + "\n{not json\n", "bad.jsonl: line 2: not JSON: Expecting property name"),
+    ("bad.json", '[{"id": "g",\n "x": }]', "bad.json: not JSON: Expecting value at line 2, column 7"),
+    ("type.jsonl", json.dumps({**GOOD, "steps": "look"}),
+     "type.jsonl: line 1: field 'steps': expected a non-empty list, got \"look\""),
+    ("empty.jsonl", "\n" + json.dumps({**GOOD, "steps": []}),
+     "empty.jsonl: line 2: field 'steps': expected a non-empty list"),
+    ("step.jsonl", json.dumps({**GOOD, "steps": [{"action": 3, "observation": ""}]}),
+     "step.jsonl: line 1: steps[0]: field 'action': expected a string, got 3"),
+    ("task.jsonl", json.dumps({k: v for k, v in GOOD.items() if k != "initial_observation"}),
+     "task.jsonl: line 1: field 'initial_observation': expected a string, it is missing"),
+    ("gpt.json", json.dumps([CONV]),
+     "gpt.json: record 0: conversations[2]: field 'from': expected 'human' (two 'gpt' turns in a row"),
+    ("lost.jsonl", json.dumps({**GOOD, "won": False}), "lost.jsonl: no usable trajectories: expected at least one"),
+    ("short.json", json.dumps([{"id": "g", "conversations": [{"from": "human", "value": "task"}]}]),
+     "short.json: record 0: field 'conversations': expected a 'gpt' turn after the task"),
+])
+def test_malformed_files_give_one_line_errors(tmp_path, name, content, message):
+    """Bad data fails at loading with one line naming file, record and field."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError) as e:
+        load_trajectories(tmp_path / name)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_files_say_how_to_fix(tmp_path, monkeypatch):
+    """A missing data file or folder names the path and the fix: --data, ALFWORLD_DATA, alfworld-download."""
+    with pytest.raises(DataError, match=r"nope.json: no such file: pass --data FILE or export ALFWORLD_DATA=.*downl"):
+        load_trajectories(tmp_path / "nope.json")
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
+    with pytest.raises(DataError, match="export ALFWORLD_DATA=.*--data FILE"):
+        default_expert_path("alfworld")
+    monkeypatch.setenv("ALFWORLD_DATA", str(EXPERT_DIR.parent))
+    assert default_expert_path("alfworld") == EXPERT_DIR / "train_planner.json"
+
+
+def test_split_is_deterministic_and_order_free():
+    """The train/val split depends on ids and seed only, not on the order of the list."""
+    trajs = [Trajectory(f"g{i}", "task", [Step("look", "")]) for i in range(100)]
+    train, val = split_trajectories(trajs, 0.1)
+    shuffled = random.Random(1).sample(trajs, len(trajs))
+    assert len(val) == 10 and len(train) == 90
+    assert {t.id for t in val} == {t.id for t in split_trajectories(shuffled, 0.1)[1]}
+    assert {t.id for t in val} != {t.id for t in split_trajectories(trajs, 0.1, seed=1)[1]}
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def check_invariants(tok, traj: Trajectory, end: str = END) -> None:
+    """Spans decode to the agent turns, the mask covers exactly them, prompts and actions line up with the spans."""
+    enc = encode_trajectory(tok, traj, 10**6)
+    assert len(enc.action_spans) == len(traj.steps) and not enc.truncated
+    covered = {i for s, e in enc.action_spans for i in range(s, e)}
+    assert [i for i, m in enumerate(enc.loss_mask) if m] == sorted(covered)
+    for t, (s, e) in enumerate(enc.action_spans):
+        assert tok.decode(enc.input_ids[s:e]) == agent_turn(traj.steps[t]) + end
+        assert encode_prompt(tok, traj, t) == enc.input_ids[:s]
+        assert encode_action(tok, traj, t, agent_turn(traj.steps[t])) == enc.input_ids[s:e]
+
+
+def test_spans_mask_prompt_and_action_line_up_on_real_data():
+    """On real trajectories of both files and one with Thoughts, every step's span, prompt and action agree."""
+    tok = tiny_tokenizer()
+    trajs = load_trajectories(EXPERT_DIR / "train.jsonl", max_trajectories=2) + [thought_traj()]
+    for traj in load_trajectories(EXPERT_DIR / "train_planner.json", max_trajectories=3) + trajs:
+        check_invariants(tok, traj)
+
+
+def test_other_template_with_bos_and_gap_before_end_token():
+    """A template that starts with BOS and writes "\\n" before its end token: the span takes both, BOS appears once."""
+    tok = tiny_tokenizer()
+    tok = type(tok)(tokenizer_object=tok.backend_tokenizer, eos_token=END, pad_token="<|endoftext|>", chat_template=(
+        "<|endoftext|>{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n<|im_end|>'}}"
+        "{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}"))
+    check_invariants(tok, thought_traj(), end="\n" + END)
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert encode_trajectory(tok, thought_traj(), 10**6).input_ids.count(bos) == 1
+
+
+def test_alternative_reply_sits_where_the_expert_action_was():
+    """encode_action of another reply gives the ids that reply has inside a rendered trajectory."""
+    tok, traj = tiny_tokenizer(), thought_traj()
+    ids = encode_action(tok, traj, 1, "Thought: Maybe.\nAction: look")
+    other = Trajectory(traj.id, traj.task, [traj.steps[0], Step("look", "", "Maybe.")])
+    s, e = encode_trajectory(tok, other, 10**6).action_spans[1]
+    assert ids == encode_trajectory(tok, other, 10**6).input_ids[s:e] and tok.decode(ids).endswith(END)
+
+
+def test_slow_tokenizer_is_refused_by_name():
+    """Without offsets the spans can't be found: a slow tokenizer is a one-line error naming the model."""
+    slow = types.SimpleNamespace(is_fast=False, name_or_path="org/slow-model", chat_template="x")
+    with pytest.raises(DataError, match="org/slow-model: not a fast tokenizer"):
+        encode_prompt(slow, thought_traj(), 0)
+
+
+def test_too_long_trajectories_are_skipped_truncated_or_refused():
+    """Over max_length: skip drops, truncate keeps whole leading steps that fit (>= 1), error raises."""
+    tok = tiny_tokenizer()
+    trajs = load_trajectories(EXPERT_DIR / "train_planner.json", max_trajectories=6)
+    lengths = sorted(len(encode_trajectory(tok, t, 10**6).input_ids) for t in trajs)
+    max_length = lengths[3]  # the 2 longest don't fit
+    kept, counts = encode_dataset(tok, trajs, max_length)
+    assert counts == {"kept": 4, "skipped_too_long": 2, "truncated": 0} and len(kept) == 4
+    kept, counts = encode_dataset(tok, trajs, max_length, on_too_long="truncate")
+    assert counts == {"kept": 6, "skipped_too_long": 0, "truncated": 2}
+    for enc in kept:
+        assert len(enc.input_ids) <= max_length and 1 <= len(enc.traj.steps)
+        if enc.truncated:
+            full = next(t for t in trajs if t.id == enc.traj.id)
+            assert enc.traj.steps == full.steps[: len(enc.traj.steps)] and len(enc.traj.steps) < len(full.steps)
+            check_invariants(tok, enc.traj)
+    assert encode_dataset(tok, trajs[:1], 10, on_too_long="truncate")[1]["skipped_too_long"] == 1
+    with pytest.raises(DataError, match="tokens > max_length 10"):
+        encode_trajectory(tok, trajs[0], 10, on_too_long="error")
+
+
+def test_cli_stats(tmp_path, capsys):
+    """`python data.py stats FILE` prints counts and mean steps; a bad file exits with one line."""
+    data.main(["stats", str(EXPERT_DIR / "train.jsonl")])
+    assert "283 trajectories" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="error: .*nope.json: no such file"):
+        data.main(["stats", str(tmp_path / "nope.json")])
+
+
+# ============================================================================= stepagent.py: losses, packing, loops, CLI
+
+EXPERT = Path(__file__).resolve().parent.parent / "shared" / "alfworld" / "expert" / "train_planner.json"
+CPU = sa.Runtime(torch.device("cpu"), torch.float32)
+ROOM = "You are in the middle of a room. Looking quickly around you, you see a cabinet 1, a drawer 2, a fridge 1, a shelf 1."
+OBSERVATIONS = ["On the shelf 1, you see nothing.", "You open the drawer 2. The drawer 2 is open. In it, you see nothing.",
+                "Nothing happens.", "You pick up the apple 1 from the countertop 2.", "On the cabinet 1, you see a cup 1."]
+ACTIONS = ["go to shelf 1", "open drawer 2", "close drawer 2", "take apple 1 from countertop 2", "go to cabinet 1",
+           "put apple 1 in/on fridge 1", "examine shelf 1", "inventory"]
+
+
+def make_traj(n_steps: int, seed: int, tid: str = "") -> Trajectory:
+    """An ALFWorld-like trajectory with random actions and observations."""
+    rng = random.Random(seed)
+    steps = [Step(rng.choice(ACTIONS), rng.choice(OBSERVATIONS)) for _ in range(n_steps)]
+    return Trajectory(tid or f"pick_and_place_simple-Apple-None-Fridge-{seed}/trial_{seed}",
+                      ROOM + "\n\nYour task is to: put an apple in fridge.", steps)
+
+
+def encode(traj: Trajectory) -> data.Encoded:
+    return data.encode_trajectory(tiny_tokenizer(), traj, 4096)
+
+
+class NullRun:
+    """Stands in for sa.Run where a function only logs."""
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self, **kv):
+        self.lines.append(kv)
+
+
+def separate_logp(model, enc: data.Encoded, prefix_len: int, action: list[int]) -> tuple[float, torch.Tensor]:
+    """The slow obvious path: one forward of h_t + a_t alone; returns Σ log p(a_t) and the last hidden states."""
+    ids = torch.tensor([list(enc.input_ids[:prefix_len]) + list(action)])
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    logp = out.logits[0].float().log_softmax(-1)
+    P = prefix_len
+    total = sum(logp[P - 1 + j, a].item() for j, a in enumerate(action))
+    return total, out.hidden_states[-1][0]
+
+
+# ----------------------------------------------------------------------------- losses by hand
+
+
+def test_implicit_reward_loss_by_hand():
+    """L_imp is log 2 at equal log-probs, matches −log σ(β·margin) by hand, and pushes expert up and agent down."""
+    zero = torch.zeros(3)
+    loss, stats = sa.implicit_reward_loss(zero - 5, zero - 7, zero - 5, zero - 7, beta=0.1)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert stats["imp/reward_margin"] == 0 and stats["imp/reward_acc"] == 0
+    # β = 0.5: r_e = 0.5·(−1 − (−2)) = 0.5, r_a = 0.5·(−3 − (−2.5)) = −0.25, margin 0.75
+    pi_e, pi_a = torch.tensor([-1.0], requires_grad=True), torch.tensor([-3.0], requires_grad=True)
+    loss, stats = sa.implicit_reward_loss(pi_e, pi_a, torch.tensor([-2.0]), torch.tensor([-2.5]), beta=0.5)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.75)), abs=1e-6)
+    assert stats["imp/reward_expert"] == pytest.approx(0.5) and stats["imp/reward_agent"] == pytest.approx(-0.25)
+    assert stats["imp/reward_margin"] == pytest.approx(0.75) and stats["imp/reward_acc"] == 1.0
+    loss.backward()
+    sigma = 1 / (1 + math.exp(0.75))  # d/dm −log σ(m) = −σ(−m)
+    assert pi_e.grad.item() == pytest.approx(-0.5 * sigma, abs=1e-6) and pi_e.grad.item() < 0
+    assert pi_a.grad.item() == pytest.approx(0.5 * sigma, abs=1e-6) and pi_a.grad.item() > 0
+    # the mean over pairs: two pairs with margins 0 and 0.75
+    loss, _ = sa.implicit_reward_loss(torch.tensor([0.0, -1.0]), torch.tensor([0.0, -3.0]), torch.tensor([0.0, -2.0]),
+                                      torch.tensor([0.0, -2.5]), beta=0.5)
+    assert loss.item() == pytest.approx((math.log(2) + math.log(1 + math.exp(-0.75))) / 2, abs=1e-6)
+
+
+def test_discriminator_loss_and_irl_reward_by_hand():
+    """L_D is the class-balanced BCE (expert 1, agent 0); the IRL reward is the logit f_φ normalised over the batch."""
+    f_e, f_a = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0, 1.0])
+    sp = lambda x: math.log(1 + math.exp(x))  # −log σ(−x) = log(1 + e^x)
+    expected = 0.5 * ((sp(-2.0) + sp(1.0)) / 2 + (sp(0.5) + sp(-3.0) + sp(1.0)) / 3)
+    loss, stats = sa.discriminator_loss(f_e, f_a)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    ref = 0.5 * F.binary_cross_entropy_with_logits(f_e, torch.ones(2)) + \
+        0.5 * F.binary_cross_entropy_with_logits(f_a, torch.zeros(3))
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-6)
+    assert stats["irl/D_acc_expert"] == 0.5 and stats["irl/D_acc_agent"] == pytest.approx(1 / 3)
+    r = sa.irl_reward(f_a)
+    mean, std = sum(f_a.tolist()) / 3, math.sqrt(sum((x - sum(f_a.tolist()) / 3) ** 2 for x in f_a.tolist()) / 3)
+    assert r.tolist() == pytest.approx([(x - mean) / std for x in f_a.tolist()], abs=1e-5)
+    assert r.mean().item() == pytest.approx(0, abs=1e-6) and r.std(unbiased=False).item() == pytest.approx(1, abs=1e-5)
+    assert torch.equal(r.argsort(), f_a.argsort())
+
+
+def test_ppo_loss_by_hand():
+    """PPO: ρ clipped above for A > 0 and below for A < 0, the pessimistic side kept, plus the k3 KL to π_ref."""
+    ratios = [1.5, 0.5, 1.1, 0.9, 1.5]  # |ρ − 1| > 0.2 for tokens 0, 1, 4
+    adv = torch.tensor([1.0, -1.0, -2.0, 0.5, -1.0])
+    old = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5])
+    new = (old + torch.log(torch.tensor(ratios))).requires_grad_(True)
+    ref = torch.tensor([-1.2, -2.0, -0.4, -2.0, -1.5])
+    loss, stats = sa.ppo_loss(new, old, ref, adv, clip=0.2, kl_coef=0.1)
+    # token 0: min(1.5, 1.2)·1 = 1.2 (clipped); token 1: min(−0.5, −0.8) = −0.8 (clipped); token 2: −2.2;
+    # token 3: 0.45; token 4: min(−1.5, −1.2) = −1.5 (ρ > 1 + ε but A < 0: the unclipped, pessimistic value)
+    surrogate = (1.2 - 0.8 - 2.2 + 0.45 - 1.5) / 5
+    d = [r_ - n_ for r_, n_ in zip(ref.tolist(), new.tolist())]
+    kl = sum(math.exp(x) - x - 1 for x in d) / 5
+    assert loss.item() == pytest.approx(-surrogate + 0.1 * kl, abs=1e-6)
+    assert stats["ppo/clipfrac"] == pytest.approx(0.6)
+    assert stats["ppo/approx_kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in ratios) / 5, abs=1e-6)
+    assert stats["ppo/kl_ref"] == pytest.approx(kl, abs=1e-6)
+    assert all(x >= 0 for x in [math.exp(x) - x - 1 for x in d])
+    loss, _ = sa.ppo_loss(new, old, ref, adv, clip=0.2, kl_coef=0.0)
+    loss.backward()
+    g = new.grad.tolist()  # clipped tokens carry no gradient; the others −ρ·A/N
+    assert g[0] == 0 and g[1] == 0
+    assert g[2] == pytest.approx(-1.1 * -2.0 / 5, abs=1e-6) and g[3] == pytest.approx(-0.9 * 0.5 / 5, abs=1e-6)
+    assert g[4] == pytest.approx(-1.5 * -1.0 / 5, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- packed log-probs = separate passes
+
+
+def branches_for(tok, traj: Trajectory, enc: data.Encoded, replies: dict[int, list[str]]) -> list[sa.Branch]:
+    return [sa.Branch(enc.action_spans[t][0], data.encode_action(tok, traj, t, r)) for t, rs in replies.items() for r in rs]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_logps_equal_separate_passes(attn):
+    """Tree packing, pair packing and padded batches give each action's log π(a|h) and hidden states of a lone pass."""
+    tok, model = tiny_tokenizer(), tiny_model(attn)
+    t1, t2 = make_traj(5, seed=1), make_traj(3, seed=2)
+    e1, e2 = encode(t1), encode(t2)
+    assert len(e1.input_ids) > len(e2.input_ids)
+    b1 = branches_for(tok, t1, e1, {1: ["open drawer 2", "inventory"], 3: ["go to cabinet 1"], 4: ["Thought: hmm\nAction: look"]})
+    b2 = branches_for(tok, t2, e2, {0: ["examine shelf 1"], 2: ["close drawer 2", "go to shelf 1"]})
+    steps1, steps2 = [0, 1, 3], [1, 2]
+    # the order of actions: per row, expert spans first, then branches
+    expected, hid_last, hid_prefix = [], [], []
+    for enc, steps, brs in [(e1, steps1, b1), (e2, steps2, b2)]:
+        actions = [(enc.action_spans[t][0], enc.input_ids[slice(*enc.action_spans[t])]) for t in steps]
+        actions += [(br.prefix_len, br.ids) for br in brs]
+        for P, a in actions:
+            lp, h = separate_logp(model, enc, P, a)
+            expected.append(lp)
+            hid_last.append(h[P + len(a) - 1])
+            hid_prefix.append(h[P - 1])
+    hid_last, hid_prefix = torch.stack(hid_last), torch.stack(hid_prefix)
+    n1 = len(steps1) + len(b1)
+    layouts = {
+        "tree, one row": ([e1], [steps1], [b1], slice(0, n1)),
+        "tree, two rows (padding)": ([e1, e2], [steps1, steps2], [b1, b2], slice(None)),
+        "pairs": ([e1, e2], [steps1, steps2], [b1, b2], slice(None)),
+        "tree, expert only": ([e1, e2], [steps1, steps2], [[], []], None),
+    }
+    for name, (encs, steps, brs, sel) in layouts.items():
+        pack = sa.pack_pairs if name == "pairs" else sa.pack_tree
+        with torch.no_grad():
+            res = sa.action_logps(model, pack(encs, steps, brs, "cpu"), hidden=True)
+        if sel is None:  # expert spans only: row 1's expert actions, then row 2's
+            idx = list(range(len(steps1))) + list(range(n1, n1 + len(steps2)))
+        else:
+            idx = list(range(len(expected)))[sel]
+        got = res["seq_logp"].tolist()
+        assert got == pytest.approx([expected[i] for i in idx], abs=1e-4), name
+        assert torch.allclose(res["h_action"], hid_last[idx], atol=1e-4), name
+        assert torch.allclose(res["h_prefix"], hid_prefix[idx], atol=1e-4), name
+
+
+def test_nll_loss_equals_masked_cross_entropy():
+    """SFT's loss through pack_tree equals cross-entropy on the full sequence's logits under Encoded.loss_mask."""
+    model = tiny_model("sdpa")
+    encs = [encode(make_traj(4, seed=3)), encode(make_traj(2, seed=4))]
+    with torch.no_grad():
+        packed = sa.pack_tree(encs, [list(range(len(e.action_spans))) for e in encs], [[] for _ in encs], "cpu")
+        loss = sa.nll_loss(sa.action_logps(model, packed)["tok_logp"])
+        nll, n = 0.0, 0
+        for e in encs:
+            ids = torch.tensor([e.input_ids])
+            logits = model(ids).logits[0, :-1]
+            mask = torch.tensor(e.loss_mask[1:])
+            nll += F.cross_entropy(logits[mask], ids[0, 1:][mask], reduction="sum").item()
+            n += int(mask.sum())
+    assert not encs[0].loss_mask[0] and sum(encs[0].loss_mask) > 0
+    assert loss.item() == pytest.approx(nll / n, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- reflection and inspection on a tiny model
+
+
+def small_cfg(**kw) -> sa.Config:
+    base = dict(preset="none", batch_size=2, reflect_batch=2, reflect_epochs=1, max_grad_norm=1.0, max_new_tokens=8,
+                gen_batch_size=8, temperature=1.0)
+    return sa.Config(**{**base, **kw})
+
+
+def test_implicit_reflection_raises_the_expert_margin():
+    """A few L_imp steps put the expert's actions above the agent's (vs π_ref) and raise log π(â|h)."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa")
+    trajs = [make_traj(4, seed=10 + i) for i in range(3)]
+    encs = [encode(t) for t in trajs]
+    rng = random.Random(0)
+    inspected = []
+    for row, traj in enumerate(trajs):
+        for t in range(len(traj.steps)):
+            reply = rng.choice([a for a in ACTIONS if a not in {s.action for s in traj.steps}])  # no conflicting pairs
+            inspected.append(sa.Inspected(row, t, data.agent_turn(traj.steps[t]), reply,
+                                          data.encode_action(tok, traj, t, reply), False))
+    ref = tiny_model("sdpa").requires_grad_(False)
+    groups = sorted(sa.by_row(inspected).items())
+
+    def margins():
+        with torch.no_grad():
+            lp, lr = sa.pair_logps(model, encs, groups, "tree", CPU), sa.pair_logps(ref, encs, groups, "tree", CPU)
+        return ((lp["logp_e"] - lr["logp_e"]) - (lp["logp_a"] - lr["logp_a"])), lp["logp_e"]
+
+    m0, e0 = margins()
+    assert m0.abs().max() < 1e-5  # π_θ = π_ref: zero margin
+    stats = sa.reflect_implicit(small_cfg(reflect_lr=1e-3, reflect_epochs=2), CPU, model, ref, encs, inspected, 1,
+                                NullRun())
+    m1, e1 = margins()
+    assert stats["imp/pairs"] == len(inspected)
+    assert m1.mean() > 1.0 and (m1 > 0).all()
+    assert e1.mean() > e0.mean()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_inspect_aligns_agent_actions_with_prefixes(k):
+    """inspect() samples K agent actions at each chosen expert prefix, each tokenised at that step's action slot."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa")
+    trajs = [make_traj(5, seed=20), make_traj(2, seed=21)]
+    encs = [encode(t) for t in trajs]
+    cfg = small_cfg(steps_per_trajectory=3, samples_per_step=k)
+    items = sa.inspect(cfg, CPU, model, tok, encs, cycle=1)
+    assert len(items) == (3 + 2) * k
+    for row, traj in enumerate(trajs):
+        ts = [it.t for it in items if it.row == row]
+        assert len(ts) == min(3, len(traj.steps)) * k and len(set(ts)) == min(3, len(traj.steps))
+        assert all(ts.count(t) == k for t in ts)
+    for it in items:
+        traj = trajs[it.row]
+        assert 0 <= it.t < len(traj.steps)
+        assert it.expert == data.agent_turn(traj.steps[it.t])
+        assert it.agent_ids == data.encode_action(tok, traj, it.t, it.agent)
+        assert it.agree == (data.normalize_action(it.agent) == data.normalize_action(traj.steps[it.t].action))
+    again = sa.inspect(cfg, CPU, model, tok, encs, cycle=1)
+    assert [(i.row, i.t, i.agent) for i in again] == [(i.row, i.t, i.agent) for i in items]  # seeded by (seed, cycle)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time():
+    """generate() pads on the left whatever the tokenizer's default: a batch gives each prompt's lone greedy reply."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
+    with torch.no_grad():  # a random final-norm gain: greedy replies now depend on the prompt (else all are "\n")
+        model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    assert tok.padding_side == "right"  # the tokenizer's own default must not matter
+    trajs = [make_traj(n, seed=70 + n) for n in (0, 2, 5)]
+    prompts = [data.encode_prompt(tok, t, len(t.steps)) for t in trajs]
+    assert len({len(p) for p in prompts}) == 3
+    batched = sa.generate(model, tok, CPU, prompts, 0.0, 6, 3, seed=0)
+    alone = [sa.generate(model, tok, CPU, [p], 0.0, 6, 1, seed=0)[0] for p in prompts]
+    assert batched == alone and all(batched) and len(set(batched)) > 1
+
+
+def test_discriminator_separates_two_action_vocabularies():
+    """D_φ on π's hidden state at the action's last token tells "go to shelf N" from "open drawer N" in unseen games."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa")
+    trajs = [make_traj(4, seed=30 + i) for i in range(4)]
+    encs = [encode(t) for t in trajs]
+    rng = random.Random(1)
+    feats = {}
+    for verb in ("go to shelf", "open drawer"):
+        out = []
+        for enc, traj in zip(encs, trajs):
+            brs = [sa.Branch(enc.action_spans[t][0], data.encode_action(tok, traj, t, f"{verb} {rng.randint(1, 9)}"))
+                   for t in range(len(traj.steps)) for _ in range(4)]
+            with torch.no_grad():
+                out.append(sa.action_logps(model, sa.pack_tree([enc], [[]], [brs], "cpu"), hidden=True)["h_action"])
+        feats[verb] = torch.cat(out)  # 4 trajectories x 4 steps x 4 samples = 64 each
+    train, held = slice(0, 48), slice(48, None)  # the last trajectory is held out
+    torch.manual_seed(0)
+    disc = sa.Discriminator(64, 64)
+    opt = torch.optim.AdamW(disc.parameters(), lr=3e-3)
+    for _ in range(100):
+        loss, _ = sa.discriminator_loss(disc(feats["go to shelf"][train]), disc(feats["open drawer"][train]))
+        sa.optimizer_step(loss, opt, CPU, list(disc.parameters()), 1.0)
+    with torch.no_grad():
+        _, stats = sa.discriminator_loss(disc(feats["go to shelf"][held]), disc(feats["open drawer"][held]))
+    assert (stats["irl/D_acc_expert"] + stats["irl/D_acc_agent"]) / 2 > 0.9
+
+
+def test_ppo_bandit_raises_the_rewarded_action():
+    """PPO on sampled actions with reward 1 for "open drawer 2" raises that action's exact probability."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa")
+    traj = make_traj(1, seed=40)
+    enc = encode(traj)
+    P = enc.action_spans[0][0]
+    arms = ["open drawer 2", "go to shelf 1", "close drawer 2", "examine shelf 1"]
+    arm_ids = [data.encode_action(tok, traj, 0, a) for a in arms]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def arm_logps():
+        return sa.action_logps(model, sa.pack_tree([enc], [[]], [[sa.Branch(P, ids) for ids in arm_ids]], "cpu"))["seq_logp"]
+
+    # warm start: SFT on the four arms so sampling stays among them
+    opt = torch.optim.AdamW(params, lr=2e-2)
+    for _ in range(60):
+        sa.optimizer_step(-arm_logps().mean(), opt, CPU, params, 1.0)
+    with torch.no_grad():
+        p0 = arm_logps().exp()
+    assert p0.sum() > 0.8 and p0.min() > 0.05 and p0[0] < 0.5
+    ref = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for it in range(3):
+        replies = sa.generate(model, tok, CPU, [enc.input_ids[:P]] * 16, 1.0, 8, 16, seed=it)
+        reward = torch.tensor([float(data.normalize_action(r) == arms[0]) for r in replies])
+        adv = reward - reward.mean()  # group baseline
+        brs = [sa.Branch(P, data.encode_action(tok, traj, 0, r)) for r in replies]
+        packed = sa.pack_tree([enc], [[]], [brs], "cpu")
+        with torch.no_grad():
+            old = sa.action_logps(model, packed)
+        for _ in range(2):
+            new = sa.action_logps(model, packed)
+            loss, _ = sa.ppo_loss(new["tok_logp"], old["tok_logp"], old["tok_logp"], adv[new["owner"]], 0.2, 0.0)
+            sa.optimizer_step(loss, opt, CPU, params, 1.0)
+    with torch.no_grad():
+        p1 = arm_logps().exp()
+    assert any(not torch.equal(a, b) for a, b in zip(ref, params))
+    assert p1[0] > p0[0] + 0.2, (p0.tolist(), p1.tolist())
+
+
+@pytest.mark.parametrize("stage", ["sft", "implicit", "ppo", "heads"])
+def test_every_parameter_changes_after_one_step(stage):
+    """One optimizer_step of each stage's loss changes every trainable parameter (TRL's "params changed" check)."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa")
+    trajs = [make_traj(3, seed=50), make_traj(2, seed=51)]
+    encs = [encode(t) for t in trajs]
+    items = [sa.Inspected(r, t, "", "inventory", data.encode_action(tok, tr, t, "inventory"), False)
+             for r, tr in enumerate(trajs) for t in range(len(tr.steps))]
+    groups = sorted(sa.by_row(items).items())
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    model.train()
+    if stage == "sft":
+        packed = sa.pack_tree(encs, [list(range(len(e.action_spans))) for e in encs], [[], []], "cpu")
+        loss = sa.nll_loss(sa.action_logps(model, packed)["tok_logp"])
+    elif stage == "implicit":
+        lp = sa.pair_logps(model, encs, groups, "tree", CPU)
+        ref_e, ref_a = lp["logp_e"].detach() + 0.3, lp["logp_a"].detach() - 0.2  # a π_ref off π_θ: non-zero gradient
+        loss, _ = sa.implicit_reward_loss(lp["logp_e"], lp["logp_a"], ref_e, ref_a, 0.1)
+    elif stage == "heads":  # D_φ on π_ref features and the value head V(h_t), as reflect_inverse trains them
+        lp = sa.pair_logps(model, encs, groups, "tree", CPU, hidden=True)
+        disc, value = sa.Discriminator(64, 32), sa.Discriminator(64, 32)
+        params = list(disc.parameters()) + list(value.parameters())
+        before = [p.detach().clone() for p in params]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        d_loss, _ = sa.discriminator_loss(disc(lp["h_e"].detach()), disc(lp["h_a"].detach()))
+        loss = d_loss + F.mse_loss(value(lp["h_prefix"].detach()), torch.linspace(-1, 1, len(items)))
+        names = [f"disc.{n}" for n, _ in disc.named_parameters()] + [f"value.{n}" for n, _ in value.named_parameters()]
+    else:
+        lp = sa.pair_logps(model, encs, groups, "tree", CPU)
+        adv = torch.linspace(-1, 1, len(items))[lp["tok_owner_a"]]
+        loss, _ = sa.ppo_loss(lp["tok_logp_a"], lp["tok_logp_a"].detach(), lp["tok_logp_a"].detach() - 0.1, adv, 0.2, 0.1)
+    sa.optimizer_step(loss, opt, CPU, params, 1.0)
+    if stage != "heads":
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+    unchanged = [n for n, p, b in zip(names, params, before) if torch.equal(p, b)]
+    assert not unchanged
+    assert all(p.grad is None for p in params)  # zeroed for the next step
+
+
+def test_sft_logs_the_learning_rate_each_step_used():
+    """SFT's schedule: linear warm-up, then cosine decay toward 10%; sft/lr is the rate the logged step trained with."""
+    model = tiny_model("sdpa")
+    encs = [encode(make_traj(1, seed=80 + i)) for i in range(6)]
+    run = NullRun()
+    sa.train_sft(sa.Config(preset="none", lr=1e-3, batch_size=1, grad_accum=1, warmup=0.34, epochs=1), CPU, model, encs,
+                 run, None)
+    # 6 steps, 2 of warm-up: 1/2, 2/2, then 0.1 + 0.9·½(1 + cos(π·j/4)) for j = 0..3
+    used = [0.5, 1.0] + [0.1 + 0.45 * (1 + math.cos(math.pi * j / 4)) for j in range(4)]
+    assert [ln["step"] for ln in run.lines] == [1, 2, 3, 4, 5, 6]
+    assert [ln["sft/lr"] for ln in run.lines] == pytest.approx([1e-3 * f for f in used], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the command line, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny model and tokenizer saved as a local checkpoint dir, as a user would pass it to --model."""
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model("sdpa").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+FAST = ["--preset", "small", "--eval-games", "0", "--max-length", "4096", "--heldout-steps", "6", "--max-new-tokens", "12",
+        "--data", str(EXPERT)]
+
+
+@pytest.mark.parametrize("method", ["implicit", "inverse"])
+def test_main_end_to_end(tiny_dir, tmp_path, method):
+    """`stepagent.py --cycles 2` runs SFT and two cycles, logs the convergence metrics and saves a loadable model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    res = sa.main(["--model", str(tiny_dir), "--out", str(out), "--max-trajectories", "8", "--cycles", "2",
+                   "--method", method, "--inspect-trajectories", "5", "--steps-per-trajectory", "2", "--disc-steps", "20",
+                   *FAST])
+    lines = read_metrics(out)
+    assert [ln["t"] for ln in lines] == list(range(1, len(lines) + 1))
+    assert any(ln["stage"] == "sft" and math.isfinite(ln["sft/loss"]) for ln in lines)
+    cycles = {ln["cycle"]: ln for ln in lines if ln["stage"] == "cycle"}
+    assert list(cycles) == ["init", 0, 1, 2] and [r["cycle"] for r in res["table"]] == ["init", 0, 1, 2]
+    for c in (0, 1, 2):
+        assert 0 <= cycles[c]["cycle/agreement"] <= 1 and cycles[c]["cycle/logp_expert"] < 0
+    keys = ["imp/reward_margin", "imp/pairs"] if method == "implicit" else ["irl/D_acc_heldout", "ppo/clipfrac", "irl/D_loss"]
+    for c in (1, 2):
+        assert all(cycles[c].get(k) is not None for k in keys + ["inspect/agreement"]), cycles[c]
+    assert any(ln["stage"] == "reflect" for ln in lines)
+    newest = sorted(out.glob("ckpt-[0-9]*"))[-1]
+    assert newest.name == f"ckpt-{lines[-1]['t']:06d}" and (out / "config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(newest)
+    assert AutoTokenizer.from_pretrained(newest).chat_template
+    start = tiny_model("sdpa").state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())  # it trained
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
+    """4 SFT steps straight equal 2 steps + --resume + 2 steps, metric for metric, with no duplicated log lines."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--model", str(tiny_dir), "--max-trajectories", "5", "--cycles", "0", "--grad-accum", "1", "--save-every", "2",
+            *FAST]
+    res_a = sa.main([*args, "--out", str(a)])
+    sft_a = [ln for ln in read_metrics(a) if ln["stage"] == "sft"]
+    assert [ln["step"] for ln in sft_a] == [1, 2, 3, 4]
+    shutil.copytree(a, b)
+    for ckpt in sorted(b.glob("ckpt-[0-9]*")):  # drop every checkpoint after SFT step 2: as if killed at step 3
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        if not (state["stage"] == "sft" and state["sft_step"] == 2):
+            shutil.rmtree(ckpt)
+    assert len(list(b.glob("ckpt-[0-9]*"))) == 1
+    with pytest.raises(SystemExit, match="--resume"):
+        sa.main([*args, "--out", str(b)])
+    res_b = sa.main([*args, "--out", str(b), "--resume"])
+    lines_a, lines_b = read_metrics(a), read_metrics(b)
+    assert [ln["t"] for ln in lines_b] == list(range(1, len(lines_b) + 1))  # no duplicate t
+    assert len(lines_a) == len(lines_b)
+    for la, lb in zip(lines_a, lines_b):
+        assert la.keys() == lb.keys()
+        for k in la:
+            if k != "time" and isinstance(la[k], float):
+                assert lb[k] == pytest.approx(la[k], rel=1e-6, abs=1e-6), (la["t"], k)
+            elif k != "time":
+                assert lb[k] == la[k], (la["t"], k)
+    assert [r["cycle"] for r in res_b["table"]] == [r["cycle"] for r in res_a["table"]] == ["init", 0]
+    assert res_b["table"][-1]["cycle/logp_expert"] == pytest.approx(res_a["table"][-1]["cycle/logp_expert"], abs=1e-6)
+
+
+def write_jsonl(path: Path, trajs: list[Trajectory]) -> Path:
+    recs = [{"id": t.id, "initial_observation": t.task, "steps": [{"action": s.action, "observation": s.observation}
+                                                                  for s in t.steps]} for t in trajs]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_bad_input_fails_early_with_one_line(tiny_dir, tmp_path):
+    """A malformed JSONL line, an unknown --method and a used --out each stop the run with a one-line message."""
+    bad = write_jsonl(tmp_path / "bad.jsonl", [make_traj(2, seed=60)])
+    bad.write_text(bad.read_text() + '{"id": "x", "steps": [\n')
+    with pytest.raises(SystemExit) as e:
+        sa.main(["--model", str(tiny_dir), "--out", str(tmp_path / "r1"), "--data", str(bad), "--eval-games", "0"])
+    msg = str(e.value.code)
+    assert str(bad) in msg and "line 2" in msg and "\n" not in msg
+    with pytest.raises(SystemExit) as e:
+        sa.main(["--method", "reinforce", "--out", str(tmp_path / "r2")])
+    assert "--method" in str(e.value.code) and "implicit" in str(e.value.code)
+    good = write_jsonl(tmp_path / "good.jsonl", [make_traj(2, seed=61), make_traj(3, seed=62)])
+    used = tmp_path / "used"
+    (used / "ckpt-000004").mkdir(parents=True)
+    (used / "ckpt-000004" / "state.pt").touch()
+    with pytest.raises(SystemExit) as e:
+        sa.main(["--model", str(tiny_dir), "--out", str(used), "--data", str(good), "--eval-games", "0"])
+    msg = str(e.value.code)
+    assert "--out" in msg and str(used) in msg and "--resume" in msg and "\n" not in msg
 
 
 # ----------------------------------------------------------------------------- the embedded default model and the CLI on real ALFWorld
