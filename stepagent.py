@@ -333,6 +333,7 @@ def embedded_checkpoint() -> Path:
 
 def attention_bias(model, allow: torch.Tensor) -> torch.Tensor:
     """A (B, 1, Q, K) mask in the form each kernel reads: sdpa takes booleans, eager an additive float mask."""
+    model = getattr(model, "module", model)  # DDP wraps the model
     if model.config._attn_implementation == "sdpa":
         return allow
     dtype = next(model.parameters()).dtype
