@@ -686,8 +686,8 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
 
     act_fn(histories) -> replies: each history is a data.Trajectory of the episode so far (task = first observation),
     rendered by the policy exactly as in training; the env gets data.parse_action(reply). Each finished episode is
-    one flushed JSONL line (game, task_type, steps, won, reward, error, max_steps, task, transcript); rerunning with
-    the same out_jsonl skips games already there. An engine error or a step slower than step_timeout fails that episode only.
+    one flushed JSONL line (game, task_type, steps, won, reward, error, max_steps, seconds, task, transcript);
+    rerunning with the same out_jsonl skips games already there. An engine error or a step slower than step_timeout fails that episode only.
     Returns summarize() over all requested games in out_jsonl.
     """
     _check_env(env)
@@ -713,7 +713,8 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
             ep = episodes[i]
             rec = {"game": ep["game"], "task_type": ep["task_type"], "steps": len(ep["transcript"]),
                    "won": bool(ep["won"]) and error is None, "reward": ep["reward"], "error": error,
-                   "max_steps": max_steps, "task": ep["task"], "transcript": ep["transcript"]}
+                   "max_steps": max_steps, "seconds": round(time.monotonic() - ep["t0"], 2), "task": ep["task"],
+                   "transcript": ep["transcript"]}
             f.write(json.dumps(rec) + "\n")
             f.flush()
             done[ep["game"]], episodes[i] = rec, None
@@ -734,7 +735,7 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
                         game = todo.popleft()
                         workers[i] = workers[i] or _Worker(env, kw)
                         episodes[i] = {"game": game, "task_type": task_type(env, game), "task": "", "transcript": [],
-                                       "won": False, "reward": 0.0, "history": None}
+                                       "won": False, "reward": 0.0, "history": None, "t0": time.monotonic()}
                         workers[i].send("start", game, start_timeout)
                         starting.append(i)
                 for j, (ok, out) in _gather([workers[i] for i in starting], start_timeout).items():
