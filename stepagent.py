@@ -143,8 +143,8 @@ class Config:
 PRESETS: dict[str, dict] = {
     # Finishes SFT, 2 cycles and a short evaluation on a 2-core CPU with the embedded 135M model.
     "small": dict(max_trajectories=40, val_fraction=0.2, max_length=1024, epochs=1, lr=5e-5, grad_accum=4,
-                  cycles=2, inspect_trajectories=6, steps_per_trajectory=4, heldout_steps=16, reflect_lr=5e-6,
-                  reflect_batch=2, disc_steps=50, eval_games=2, eval_batch=2, max_steps=15, gen_batch_size=8,
+                  cycles=2, inspect_trajectories=6, steps_per_trajectory=4, heldout_steps=16, reflect_lr=1e-5,
+                  reflect_epochs=2, reflect_batch=2, disc_steps=50, eval_games=2, eval_batch=2, max_steps=15, gen_batch_size=8,
                   max_new_tokens=24),
     # What a 7-8B run uses (ETO's SFT recipe: lr 2e-5, 3 epochs, 3% warm-up, cosine; DPO-style β 0.1, lr 1e-6).
     "paper": dict(max_length=4096, epochs=3, lr=2e-5, batch_size=2, grad_accum=16, cycles=3, reflect_lr=1e-6,
