@@ -287,8 +287,8 @@ def load_policy(name: str, rt: Runtime, attn: str = "sdpa"):
         try:
             from huggingface_hub import snapshot_download
 
-            offline = name == EMBEDDED_ID or os.environ.get("HF_HUB_OFFLINE") == "1"
-            path = snapshot_download(name, local_files_only=offline, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+            path = snapshot_download(name, local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1",
+                                     allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
         except Exception as e:
             if name != EMBEDDED_ID:
                 raise SystemExit(f"error: --model {name!r}: not a local directory and not downloadable from the "
