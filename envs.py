@@ -226,6 +226,7 @@ class AlfWorldEnv:
         env_id = self.textworld.gym.register_games([str(path)], infos, max_episode_steps=self.max_steps,
                                                    asynchronous=False, wrappers=wrappers)
         self._env = self.textworld.gym.make(env_id)
+        self.textworld.gym.registry.pop(env_id)  # it holds our wrappers (and through them the game): don't keep it
 
     def _info(self, info: dict, raw: str) -> dict:
         out = {"won": bool(info["won"]), "game": self.game, "task_type": self.task_type, "raw_observation": raw,
@@ -571,6 +572,9 @@ def _serve(conn, env: str, kw: dict) -> None:
             obj.close()
 
 
+RECYCLE_AFTER = 100  # games per engine process: loading a TextWorld game leaks ~3 MB that no close() gives back
+
+
 class _Worker:
     """A TextEnv in a child process: a crash or a hang there costs one episode (the child is killed), not the run.
     Forked where possible (cheap, and tests' monkeypatches reach the child); the child never touches torch."""
@@ -581,7 +585,7 @@ class _Worker:
         self.proc = ctx.Process(target=_serve, args=(child, env, kw), daemon=True)
         self.proc.start()
         child.close()
-        self.deadline, self.crashed = 0.0, ""
+        self.deadline, self.crashed, self.games = 0.0, "", 0
 
     def send(self, cmd: str, arg: object, timeout: float) -> None:
         self.deadline = time.monotonic() + timeout
@@ -719,7 +723,9 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
             f.flush()
             done[ep["game"]], episodes[i] = rec, None
             won[0] += rec["won"]
-            if error is not None:  # the engine is in an unknown state: a fresh process for the next game
+            workers[i].games += 1
+            # after an error the engine is in an unknown state; after many games TextWorld has leaked memory
+            if error is not None or workers[i].games >= RECYCLE_AFTER:
                 workers[i].close()
                 workers[i] = None
             bar.update(1)
@@ -815,13 +821,15 @@ def build_expert(env: str, split: str, out: str | Path, data_dir: str | Path | N
                 for j, (ok, rec) in _gather([pool[i] for i in ids], game_timeout, first=True).items():
                     i = ids[j]
                     game = busy.pop(i)
+                    pool[i].games += 1
                     if not ok:
                         if rec.startswith("TimeoutError"):
                             rec = f"TimeoutError: game took over {game_timeout:g} s"
                         rec = {"game_file": game, "task_type": task_type(env, game), "error": rec}
+                        counts["errors"] += 1
+                    if not ok or pool[i].games >= RECYCLE_AFTER:
                         pool[i].close()
                         pool[i] = _Worker(env, kw)
-                        counts["errors"] += 1
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
                     counts["done"] += 1
