@@ -35,7 +35,8 @@ from typing import Callable, Protocol
 
 from tqdm import tqdm
 
-from data import ACTION, THOUGHT, Step, Trajectory, clean_observation, parse_action, strip_banner
+from data import (ACTION, THOUGHT, Step, Trajectory, clean_observation, parse_action, strip_banner,
+                  system_prompt)
 
 REPO = Path(__file__).resolve().parent
 ALFWORLD_SPLITS = ("train", "valid_seen", "valid_unseen")
@@ -173,9 +174,10 @@ def grammar_warning(prompt: str, game: str, data_dir: str | Path | None = None) 
     pattern = r"\S+".join(map(re.escape, re.split(r"\{\w+\}", put)))
     if re.search(pattern, prompt):
         return None
-    shown = re.sub(r"\{\w+\}", "X", put, count=1).replace("{r}", "Y")
-    return (f"the games in {Path(game).parts[0]} use '{shown}' but the system prompt does not teach it: "
-            "the agent's put actions will fail (train and evaluate with the same ALFWorld release)")
+    letters = iter("XYZW")
+    shown = re.sub(r"\{\w+\}", lambda _: next(letters), put)
+    return (f"the ALFWorld games here say '{shown}' but the system prompt does not teach it: the agent's put "
+            "actions will fail (train and evaluate on game files of the same ALFWorld release)")
 
 
 PUT_COMMAND, MOVE_COMMAND = re.compile(r"^put (.+) in/on (.+)$"), re.compile(r"^move (.+) to (.+)$")
@@ -691,8 +693,10 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
     act_fn(histories) -> replies: each history is a data.Trajectory of the episode so far (task = first observation),
     rendered by the policy exactly as in training; the env gets data.parse_action(reply). Each finished episode is
     one flushed JSONL line (game, task_type, steps, won, reward, error, max_steps, seconds, task, transcript);
-    rerunning with the same out_jsonl skips games already there. An engine error or a step slower than step_timeout fails that episode only.
-    Returns summarize() over all requested games in out_jsonl.
+    rerunning with the same out_jsonl skips games already there. An engine error, crash, or a step slower than
+    step_timeout fails that episode only. max_steps=None: the env's default (ALFWorld 40; ScienceWorld ETO's per-task
+    caps). data_dir: the ALFWorld data folder, or WebShop's server URL. Returns summarize() over the requested games
+    found in out_jsonl (reward: ALFWorld 0/1, ScienceWorld the score 0-100, WebShop 0-1).
     """
     _check_env(env)
     max_steps = max_steps or DEFAULT_MAX_STEPS[env]
@@ -705,6 +709,8 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
         raise EnvError(f"{out_jsonl} holds episodes played with max_steps={other.pop()}, not {max_steps}: "
                        "pass a new output file (results with different caps do not mix)")
     todo = deque(g for g in games if g not in done)
+    if env == "alfworld" and (warning := grammar_warning(system_prompt(env), games[0], data_dir)):
+        print(f"warning: {warning}")
     kw = _env_kwargs(env, max_steps, data_dir)
     start_timeout = max(step_timeout, 60.0)  # loading a game (and a JVM) is slower than a step, more so under load
     n_slots = max(1, min(batch_size, len(todo)))
