@@ -848,11 +848,6 @@ def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict
         return {}
     summaries = {}
     for split in [s for s in cfg.eval_splits.split(",") if s]:
-        if cfg.env == "alfworld":  # a policy taught "put X in/on Y" fails games that say "move X to Y"
-            warning = envs.grammar_warning(data.system_prompt(cfg.env), envs.list_games(cfg.env, split, cfg.env_data or None)[0],
-                                           cfg.env_data or None)
-            if warning:
-                print0(rt, f"warning: {warning}")
         out = run.dir / "eval" / tag / f"{split}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         summaries[split] = envs.evaluate(cfg.env, split, make_act_fn(cfg, rt, model, tok), out,
