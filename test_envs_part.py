@@ -278,8 +278,9 @@ def test_evaluate_resumes_where_it_stopped(tmp_path):
 
 
 def _deterministic_train_records() -> list[dict]:
-    """Records of expert/train.jsonl whose expert run draws no consequential random choice (checked by hand, see
-    the report), so any seed reproduces them: the handcoded expert picks random admissible commands otherwise."""
+    """Records 3, 10, 13 of expert/train.jsonl: their expert runs draw no random choice that matters (found by
+    replaying them with random.choice instrumented), so any seed reproduces them. Elsewhere the hand-coded expert
+    picks random admissible commands, and the seeds of the run that made the file are not known."""
     records = read(ALFWORLD / "expert" / "train.jsonl")
     return [records[i] for i in (3, 10, 13)]
 
