@@ -418,12 +418,17 @@ def action_logps(model, packed: dict, hidden: bool = False) -> dict:
     Log-softmax is taken in fp32: bf16 logits lose the small differences that log-ratios and PPO ratios live on.
     """
     rows, pos, target, owner, self_pos = torch.tensor(packed["preds"], device=packed["input_ids"].device).T
-    keep, inverse = torch.unique(pos, return_inverse=True)  # positions whose logits we need, shared across rows
-    out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                attention_mask=packed["attention_mask"] if "attention_mask" in packed else attention_bias(model, packed["allow"]),
-                logits_to_keep=keep, output_hidden_states=hidden,
-                use_cache=False)
-    logits = out.logits[rows, inverse].float()  # (N, V)
+    one_row = packed["input_ids"].shape[0] == 1
+    keep, inverse = torch.unique(pos, return_inverse=True)  # positions whose logits we need
+    mask = packed["attention_mask"] if "attention_mask" in packed else attention_bias(model, packed["allow"])
+    out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=mask,
+                logits_to_keep=keep if one_row else 1, output_hidden_states=hidden or not one_row, use_cache=False)
+    if one_row:
+        logits = out.logits[0, inverse].float()  # (N, V)
+    else:  # rows read different positions: logits_to_keep would run the head for every row at all of them.
+        # (The bare head skips post-head logit transforms such as Gemma-2's softcapping.)
+        head = getattr(model, "module", model).get_output_embeddings()
+        logits = head(out.hidden_states[-1][rows, pos]).float()  # (N, V)
     tok_logp = logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)  # (N,)
     seq_logp = torch.zeros(packed["n_actions"], device=rows.device).index_add(0, owner, tok_logp)  # (n_actions,)
     res = dict(tok_logp=tok_logp, owner=owner, seq_logp=seq_logp)
