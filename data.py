@@ -350,12 +350,19 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--out", required=True)
     build.add_argument("--data", help="ALFWorld data folder (default: $ALFWORLD_DATA)")
     build.add_argument("--max-games", type=int)
+    build.add_argument("--workers", type=int, default=1, help="engine processes in parallel")
+    build.add_argument("--fix-expert-grammar", action="store_true",
+                       help="translate alfworld 0.4.2's 'move X to Y' to the games' 'put X in/on Y' (off: as train.jsonl)")
     args = parser.parse_args(argv)
     try:
         if args.command == "build-expert":
             import envs  # only here: envs imports data, and data must stay cheap to import
 
-            envs.build_expert(args.env, args.split, Path(args.out), data_dir=args.data, max_games=args.max_games)
+            try:
+                envs.build_expert(args.env, args.split, Path(args.out), data_dir=args.data, max_games=args.max_games,
+                                  workers=args.workers, fix_expert_grammar=args.fix_expert_grammar)
+            except envs.EnvError as e:
+                sys.exit(f"error: {e}")
             return
         trajs = load_trajectories(args.file, args.env)
         n_steps = [len(t.steps) for t in trajs]

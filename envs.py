@@ -685,10 +685,25 @@ def format_summary(summaries: dict[str, dict] | list[dict]) -> str:
     return "\n".join(rows)
 
 
+def spread_games(env: str, games: list[str], n: int | None) -> list[str]:
+    """The first n games taken round-robin over task types (deterministic), so a handful covers every type."""
+    if n is None or n >= len(games):
+        return games
+    by_type: dict[str, deque] = {}
+    for g in games:
+        by_type.setdefault(task_type(env, g), deque()).append(g)
+    out: list[str] = []
+    while len(out) < n:
+        for queue in by_type.values():
+            if queue and len(out) < n:
+                out.append(queue.popleft())
+    return out
+
+
 def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str]], out_jsonl: str | Path,
              n_games: int | None = None, batch_size: int = 8, max_steps: int | None = None,
-             data_dir: str | Path | None = None, step_timeout: float = 60.0) -> dict:
-    """Play the first n_games of a split with up to batch_size live episodes and ONE act_fn call per turn for all.
+             data_dir: str | Path | None = None, step_timeout: float = 60.0, games: list[str] | None = None) -> dict:
+    """Play the first n_games of a split (or the given games), up to batch_size live episodes, ONE act_fn call per turn.
 
     act_fn(histories) -> replies: each history is a data.Trajectory of the episode so far (task = first observation),
     rendered by the policy exactly as in training; the env gets data.parse_action(reply). Each finished episode is
@@ -700,7 +715,7 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
     """
     _check_env(env)
     max_steps = max_steps or DEFAULT_MAX_STEPS[env]
-    games = list_games(env, split, data_dir)[:n_games]
+    games = games or list_games(env, split, data_dir)[:n_games]
     out_jsonl = Path(out_jsonl)
     out_jsonl.parent.mkdir(parents=True, exist_ok=True)
     wanted = set(games)
