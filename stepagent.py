@@ -1060,14 +1060,16 @@ def plot(run_dir: str) -> Path:
     ax[0].set(title="SFT", xlabel="optimizer step", ylabel="NLL of expert action tokens")
     xs = [r["cycle"] for r in cycles]
     ax[1].plot(xs, [r["cycle/agreement"] for r in cycles], "o-", label="agreement with â_t")
-    ax[1].set(title="convergence to the expert (held-out steps)", xlabel="cycle (0 = after SFT)", ylabel="agreement")
+    ax[1].set(title="convergence to the expert (held-out steps)", xlabel="cycle (0 = after SFT)", ylabel="agreement",
+              xticks=xs)
     twin = ax[1].twinx()
     twin.plot(xs, [r["cycle/logp_expert"] for r in cycles], "s--", color="tab:orange", label="log π(â_t|h_t)")
     twin.set_ylabel("log π(â_t|h_t)")
     ax[1].legend(loc="upper left"), twin.legend(loc="lower right")
     for r in evals:
         splits = {k.split("/")[1]: v for k, v in r.items() if k.startswith("eval/")}
-        ax[2].bar([f"{r['tag']}\n{s}" for s in splits], list(splits.values()))
+        bars = ax[2].bar([f"{r['tag']}\n{s}" for s in splits], list(splits.values()))
+        ax[2].bar_label(bars, fmt="%.2f")
     ax[2].set(title="success rate (real environment)", ylim=(0, 1))
     fig.tight_layout()
     out = Path(run_dir) / "plot.png"
