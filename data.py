@@ -218,7 +218,8 @@ def split_trajectories(trajs: list[Trajectory], val_fraction: float,
 def default_expert_path(env: str) -> Path:
     """$ALFWORLD_DATA/expert/train_planner.json, else the shared copy beside the repo; other envs need --data."""
     if env != "alfworld":
-        raise DataError(f"no default expert data for env '{env}': pass --data FILE")
+        raise DataError(f"no default expert data for env '{env}': pass --data FILE (ETO-format JSON, or build one: "
+                        f"python data.py build-expert --env {env} --split train --out FILE)")
     root = os.environ.get("ALFWORLD_DATA") or Path(__file__).resolve().parent.parent / "shared" / "alfworld"
     path = Path(root) / "expert" / "train_planner.json"
     if not path.is_file():

@@ -116,7 +116,7 @@ class Config:
     # --- convergence and evaluation
     heldout_steps: int = 64  # fixed held-out expert steps for agreement / log π(â|h) after every cycle
     eval_games: int = 0  # games per eval split (0 = no evaluation, -1 = all: 140 seen / 134 unseen)
-    eval_splits: str = "valid_seen,valid_unseen"
+    eval_splits: str = ""  # comma-separated (default: alfworld valid_seen,valid_unseen; sciworld dev,test; webshop test)
     eval_batch: int = 8  # environments played in parallel (one generate call per turn)
     eval_every: int = 0  # also evaluate after every N cycles (0 = only at the end)
     max_steps: int = 40  # turns per episode (ETO's ALFWorld harness uses 40, IPR 20)
@@ -135,11 +135,14 @@ class Config:
                   ("grad-accum", self.grad_accum >= 1, ">= 1"), ("batch-size", self.batch_size >= 1, ">= 1"),
                   ("val-fraction", 0 <= self.val_fraction < 1, "in [0, 1)"), ("max-length", self.max_length >= 16, ">= 16"),
                   ("baseline", not (self.baseline == "group" and self.samples_per_step < 2), "value when K = 1")]
+        checks.append(("env", self.env in EVAL_SPLITS, " or ".join(EVAL_SPLITS)))
+        self.eval_splits = self.eval_splits or EVAL_SPLITS.get(self.env, "")
         for flag, ok, expected in checks:
             if not ok:
                 raise SystemExit(f"error: --{flag}={getattr(self, flag.replace('-', '_'))!r}: expected {expected}")
 
 
+EVAL_SPLITS = {"alfworld": "valid_seen,valid_unseen", "sciworld": "dev,test", "webshop": "test"}  # ETO's seen/unseen
 PRESETS: dict[str, dict] = {
     # Finishes SFT, 2 cycles and a short evaluation on a 2-core CPU with the embedded 135M model.
     "small": dict(max_trajectories=40, val_fraction=0.2, max_length=1024, epochs=1, lr=5e-5, grad_accum=4,
