@@ -201,6 +201,7 @@ class Runtime:
     rank: int = 0
     world: int = 1
     scaler: torch.amp.GradScaler | None = None
+    ddp: nn.Module | None = None  # the policy's DistributedDataParallel wrapper, made once (world > 1)
 
     @property
     def is_main(self) -> bool:
@@ -466,7 +467,7 @@ def warmup_cosine(total: int, warmup: float):
 
 def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_state: dict | None) -> None:
     """Cross-entropy on the agent's turns only; AdamW, warm-up + cosine, clipping; resumable at any saved step."""
-    local = train[rt.rank::rt.world]
+    local = train[rt.rank:len(train) // rt.world * rt.world:rt.world]  # equal shards: every rank takes as many steps
     per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = max(1, math.ceil(len(local) / per_step))
     total = cfg.epochs * steps_per_epoch
@@ -509,9 +510,11 @@ def wrap_ddp(model, rt: Runtime):
     """DDP only when torchrun started several processes; otherwise the model itself."""
     if rt.world == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
+    if rt.ddp is None or rt.ddp.module is not model:  # wrap once: each wrapper would add its own gradient hooks
+        from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        rt.ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return rt.ddp
 
 
 # ============================================================================ 5. Inspection: a_t ~ π_θ(·|h_t) at expert prefixes
