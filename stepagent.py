@@ -455,7 +455,7 @@ def run_pack(encs: list, expert_steps: list[list[int]], branches: list[list[Bran
 
 
 def nll_loss(tok_logp: torch.Tensor) -> torch.Tensor:
-    """SFT (paper §3, warm start): maximise Σ_t log π_θ(â_t | h_t), i.e. mean NLL over expert action tokens."""
+    """SFT (paper: warm start): maximise Σ_t log π_θ(â_t | h_t), i.e. mean NLL over expert action tokens."""
     return -tok_logp.mean()
 
 
@@ -558,7 +558,7 @@ def _as_list(x) -> list:
 
 
 def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> list[Inspected]:
-    """Inspection (paper §4.1): at every (or a random subset of) expert prefix h_t the agent acts, K times.
+    """Inspection (paper: inspection): at every (or a random subset of) expert prefix h_t the agent acts, K times.
 
     No environment is involved: the agent only ever sees the expert's own history.
     """
@@ -625,7 +625,7 @@ def pair_logps(model, encs: list, groups: list[tuple[int, list[Inspected]]], pac
 
 def implicit_reward_loss(logp_pi_e: torch.Tensor, logp_pi_a: torch.Tensor, logp_ref_e: torch.Tensor,
                          logp_ref_a: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
-    """Reflection, implicit reward (paper §4.2, DPO form): r(h,a) = β·log π_θ(a|h)/π_ref(a|h);
+    """Reflection, implicit reward (paper: implicit reward, DPO form): r(h,a) = β·log π_θ(a|h)/π_ref(a|h);
     L_imp = −mean log σ(r(h_t, â_t) − r(h_t, a_t)) over the disagreeing steps. All inputs: (N,) summed log-probs."""
     r_e = beta * (logp_pi_e - logp_ref_e)  # (N,)
     r_a = beta * (logp_pi_a - logp_ref_a)  # (N,)
@@ -690,7 +690,7 @@ class Discriminator(nn.Module):
 
 
 def discriminator_loss(f_expert: torch.Tensor, f_agent: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Inverse-RL reflection (paper §4.3, GAIL): BCE with expert steps labelled 1 and agent steps 0, each class
+    """Inverse-RL reflection (paper: inverse RL; loss as GAIL): BCE with expert steps labelled 1 and agent steps 0, each class
     weighted equally: L_D = −½·mean log D(h, â) − ½·mean log(1 − D(h, a))."""
     loss = 0.5 * (F.softplus(-f_expert).mean() + F.softplus(f_agent).mean())  # −log σ(x) = softplus(−x)
     stats = {"irl/D_loss": loss.item(), "irl/D_acc_expert": (f_expert > 0).float().mean().item(),
@@ -854,7 +854,7 @@ def make_act_fn(cfg: Config, rt: Runtime, model, tok):
 
 
 def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
-    """Evaluation (paper §5): play the real environment's held-out games; success rate per split and task type."""
+    """Evaluation (paper: experiments): play the real environment's held-out games; success rate per split and task type."""
     if not cfg.eval_games or not rt.is_main:
         return {}
     summaries = {}
