@@ -119,7 +119,7 @@ class Config:
     eval_splits: str = ""  # comma-separated (default: alfworld valid_seen,valid_unseen; sciworld dev,test; webshop test)
     eval_batch: int = 8  # environments played in parallel (one generate call per turn)
     eval_every: int = 0  # also evaluate after every N cycles (0 = only at the end)
-    max_steps: int = 40  # turns per episode (ETO's ALFWorld harness uses 40, IPR 20)
+    max_steps: int = 0  # turns per episode (0 = the env's: ALFWorld 40 as ETO, IPR uses 20; ScienceWorld ETO's per task)
     env_data: str = ""  # environment data dir (default $ALFWORLD_DATA, else ../shared/alfworld)
     # --- system
     deterministic: bool = False  # torch.use_deterministic_algorithms(True): bitwise-repeatable kernels, slower
@@ -152,7 +152,7 @@ PRESETS: dict[str, dict] = {
     # What a 7-8B run uses (ETO's SFT recipe: lr 2e-5, 3 epochs, 3% warm-up, cosine; DPO-style β 0.1, lr 1e-6).
     "paper": dict(max_length=4096, epochs=3, lr=2e-5, batch_size=2, grad_accum=16, cycles=3, reflect_lr=1e-6,
                   reflect_batch=8, samples_per_step=1, temperature=1.0, heldout_steps=256, eval_games=-1,
-                  eval_batch=16, max_steps=40, gen_batch_size=32, max_new_tokens=64),
+                  eval_batch=16, gen_batch_size=32, max_new_tokens=64),
     "none": {},
 }
 
@@ -864,9 +864,10 @@ def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict
         games = envs.spread_games(cfg.env, envs.list_games(cfg.env, split, cfg.env_data or None),
                                   None if cfg.eval_games < 0 else cfg.eval_games)  # a handful still covers every task type
         summaries[split] = envs.evaluate(cfg.env, split, make_act_fn(cfg, rt, model, tok), out, None, cfg.eval_batch,
-                                         cfg.max_steps, data_dir=cfg.env_data or None, games=games)
+                                         cfg.max_steps or None, data_dir=cfg.env_data or None, games=games)
     table = envs.format_summary(summaries)
-    print0(rt, f"\nsuccess ({tag}, max {cfg.max_steps} steps):\n{table}")
+    cap = cfg.max_steps or envs.DEFAULT_MAX_STEPS[cfg.env] or "per-task"
+    print0(rt, f"\nsuccess ({tag}, max {cap} steps):\n{table}")
     atomic_write(run.dir / "eval" / tag / "summary.json", json.dumps(summaries, indent=2))
     flat = {f"eval/{split}/success": s["success"] for split, s in summaries.items()}
     run.log(stage="eval", tag=tag, **flat)
