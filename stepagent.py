@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads are 5x slower on shared CPUs
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning OpenMP threads: 5x slower on shared CPUs
 
 import argparse
 import copy
@@ -116,10 +116,10 @@ class Config:
     # --- convergence and evaluation
     heldout_steps: int = 64  # fixed held-out expert steps for agreement / log π(â|h) after every cycle
     eval_games: int = 0  # games per eval split (0 = no evaluation, -1 = all: 140 seen / 134 unseen)
-    eval_splits: str = ""  # comma-separated (default: alfworld valid_seen,valid_unseen; sciworld dev,test; webshop test)
+    eval_splits: str = ""  # comma-separated (default: valid_seen,valid_unseen; sciworld: dev,test; webshop: test)
     eval_batch: int = 8  # environments played in parallel (one generate call per turn)
     eval_every: int = 0  # also evaluate after every N cycles (0 = only at the end)
-    max_steps: int = 0  # turns per episode (0 = the env's: ALFWorld 40 as ETO, IPR uses 20; ScienceWorld ETO's per task)
+    max_steps: int = 0  # turns per episode (0 = the env's: ALFWorld 40 as ETO, IPR 20; ScienceWorld ETO's per task)
     env_data: str = ""  # environment data dir (default $ALFWORLD_DATA, else ../shared/alfworld)
     # --- system
     deterministic: bool = False  # torch.use_deterministic_algorithms(True): bitwise-repeatable kernels, slower
@@ -133,7 +133,8 @@ class Config:
                   ("baseline", self.baseline in ("auto", "group", "value"), "auto, group or value"),
                   ("beta", self.beta > 0, "> 0"), ("samples-per-step", self.samples_per_step >= 1, ">= 1"),
                   ("grad-accum", self.grad_accum >= 1, ">= 1"), ("batch-size", self.batch_size >= 1, ">= 1"),
-                  ("val-fraction", 0 <= self.val_fraction < 1, "in [0, 1)"), ("max-length", self.max_length >= 16, ">= 16"),
+                  ("val-fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
+                  ("max-length", self.max_length >= 16, ">= 16"),
                   ("baseline", not (self.baseline == "group" and self.samples_per_step < 2), "value when K = 1")]
         checks.append(("env", self.env in EVAL_SPLITS, " or ".join(EVAL_SPLITS)))
         self.eval_splits = self.eval_splits or EVAL_SPLITS.get(self.env, "")
@@ -147,8 +148,8 @@ PRESETS: dict[str, dict] = {
     # Finishes SFT, 2 cycles and a short evaluation on a 2-core CPU with the embedded 135M model.
     "small": dict(max_trajectories=40, val_fraction=0.2, max_length=1024, epochs=1, lr=5e-5, grad_accum=4,
                   cycles=2, inspect_trajectories=6, steps_per_trajectory=4, heldout_steps=16, reflect_lr=1e-5,
-                  reflect_epochs=2, reflect_batch=2, disc_steps=50, eval_games=2, eval_batch=2, max_steps=15, gen_batch_size=8,
-                  max_new_tokens=24),
+                  reflect_epochs=2, reflect_batch=2, disc_steps=50, eval_games=2, eval_batch=2, max_steps=15,
+                  gen_batch_size=8, max_new_tokens=24),
     # What a 7-8B run uses (ETO's SFT recipe: lr 2e-5, 3 epochs, 3% warm-up, cosine; DPO-style β 0.1, lr 1e-6).
     "paper": dict(max_length=4096, epochs=3, lr=2e-5, batch_size=2, grad_accum=16, cycles=3, reflect_lr=1e-6,
                   reflect_batch=8, samples_per_step=1, temperature=1.0, heldout_steps=256, eval_games=-1,
@@ -171,7 +172,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     args = p.parse_args(argv)
     if args.preset not in PRESETS:
         p.error(f"--preset {args.preset!r}: expected one of {', '.join(PRESETS)}")
-    given = {a.split("=")[0][2:].replace("-", "_") for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    argv = sys.argv[1:] if argv is None else argv
+    given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
     values = {k: v for k, v in vars(args).items()}
     for k, v in PRESETS[args.preset].items():
         if k not in given:
@@ -386,7 +388,7 @@ def pack_tree(encs: list, expert_steps: list[list[int]], branches: list[list[Bra
         for start, end, P in spans:
             allow[b, 0, start:end, :P] = True
             allow[b, 0, start:end, start:end] = torch.tril(torch.ones(end - start, end - start, dtype=torch.bool))
-        allow[b, 0, range(len(ids), Q), range(len(ids), Q)] = True  # padding attends to itself: no all-masked rows (NaN)
+        allow[b, 0, range(len(ids), Q), range(len(ids), Q)] = True  # padding sees itself: no all-masked rows (NaN)
     return dict(input_ids=ids_t.to(device), position_ids=pos_t.to(device), allow=allow.to(device),
                 preds=preds, n_actions=n_actions, tokens=sum(len(r[0]) for r in rows))
 
@@ -462,7 +464,8 @@ def nll_loss(tok_logp: torch.Tensor) -> torch.Tensor:
 def warmup_cosine(total: int, warmup: float):
     """Linear warm-up over a fraction of the steps, then cosine decay to 10% of the peak."""
     n_warm = max(1, int(total * warmup))
-    return lambda k: (k + 1) / n_warm if k < n_warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - n_warm) / max(1, total - n_warm)))
+    cosine = lambda k: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (k - n_warm) / max(1, total - n_warm)))  # noqa: E731
+    return lambda k: (k + 1) / n_warm if k < n_warm else cosine(k)
 
 
 def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_state: dict | None) -> None:
@@ -493,7 +496,8 @@ def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_s
             sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
             with sync, rt.autocast():
                 loss = nll_loss(action_logps(ddp, packed)["tok_logp"])
-            norm = optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, sched, accumulate=m < len(micro) - 1)
+            last = m == len(micro) - 1
+            norm = optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, sched, accumulate=not last)
             losses.append(loss.item())
             tokens += packed["tokens"]
         stats = {"sft/loss": float(np.mean(losses)), "sft/lr": lr, "sft/grad_norm": norm,
@@ -517,7 +521,7 @@ def wrap_ddp(model, rt: Runtime):
     return rt.ddp
 
 
-# ============================================================================ 5. Inspection: a_t ~ π_θ(·|h_t) at expert prefixes
+# ============================================================================ 5. Inspection: a_t ~ π_θ(·|h_t)
 
 
 @dataclass
@@ -544,7 +548,7 @@ def generate(model, tok, rt: Runtime, prompts: list[list[int]], temperature: flo
                   dynamic_ncols=True, leave=False):
         batch = [prompts[j] for j in order[i:i + batch_size]]
         enc = tok.pad({"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt").to(rt.device)
-        sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        sample = {"do_sample": False} if temperature <= 0 else dict(do_sample=True, temperature=temperature, top_k=0)
         with rt.autocast():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=eos, **sample)
@@ -614,7 +618,8 @@ def pair_logps(model, encs: list, groups: list[tuple[int, list[Inspected]]], pac
     index_a_t = torch.tensor(index_a, device=rt.device)
     is_agent_tok = torch.isin(res["owner"], index_a_t)
     out = dict(logp_e=res["seq_logp"][index_e], logp_a=res["seq_logp"][index_a_t], tokens=packed["tokens"],
-               tok_logp_a=res["tok_logp"][is_agent_tok], tok_owner_a=torch.searchsorted(index_a_t, res["owner"][is_agent_tok]))
+               tok_logp_a=res["tok_logp"][is_agent_tok],  # (N_tok,) with each token's item index in tok_owner_a
+               tok_owner_a=torch.searchsorted(index_a_t, res["owner"][is_agent_tok]))
     if hidden:
         out.update(h_e=res["h_action"][index_e], h_a=res["h_action"][index_a_t], h_prefix=res["h_prefix"][index_a_t])
     return out
@@ -653,21 +658,22 @@ def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected
     for epoch in range(cfg.reflect_epochs):
         order = rng.sample(groups, len(groups))
         steps = batched(order, cfg.reflect_batch)
-        for step in tqdm(steps, desc=f"reflect c{cycle} e{epoch}", disable=not rt.is_main, dynamic_ncols=True, leave=False):
+        for step in tqdm(steps, desc=f"reflect c{cycle} e{epoch}", disable=not rt.is_main, leave=False):
             micro = batched(step, cfg.batch_size)
             n_pairs = sum(len(items) for _, items in step)
             for m, mb in enumerate(micro):
                 with torch.no_grad():
-                    lr_ = pair_logps(ref, encs, mb, cfg.packing, rt)
+                    ref_lp = pair_logps(ref, encs, mb, cfg.packing, rt)
                 sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
                 with sync:
                     lp = pair_logps(ddp, encs, mb, cfg.packing, rt)
-                    loss, stats = implicit_reward_loss(lp["logp_e"], lp["logp_a"], lr_["logp_e"], lr_["logp_a"], cfg.beta)
+                    loss, stats = implicit_reward_loss(lp["logp_e"], lp["logp_a"], ref_lp["logp_e"], ref_lp["logp_a"],
+                                                       cfg.beta)
                     if cfg.sft_weight:  # ours: keep the expert actions likely while pushing the margin
                         loss = loss - cfg.sft_weight * lp["logp_e"].mean()
                     weight = sum(len(items) for _, items in mb) / n_pairs  # every pair of the step weighs the same
                     optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
-                tokens += lp["tokens"] + lr_["tokens"]
+                tokens += lp["tokens"] + ref_lp["tokens"]
                 history.append(stats)
             run.log(stage="reflect", cycle=cycle, **history[-1])
     model.eval()
@@ -675,7 +681,7 @@ def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected
     return {**summary, "imp/pairs": len(pairs), "reflect/tokens": tokens, "reflect/seconds": time.time() - t0}
 
 
-# ============================================================================ 7. Reflection by inverse RL: D_φ, reward, PPO
+# ============================================================================ 7. Inverse-RL reflection: D_φ, PPO
 
 
 class Discriminator(nn.Module):
@@ -690,8 +696,8 @@ class Discriminator(nn.Module):
 
 
 def discriminator_loss(f_expert: torch.Tensor, f_agent: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Inverse-RL reflection (paper: inverse RL; loss as GAIL): BCE with expert steps labelled 1 and agent steps 0, each class
-    weighted equally: L_D = −½·mean log D(h, â) − ½·mean log(1 − D(h, a))."""
+    """Inverse-RL reflection (paper: inverse RL; loss as GAIL): BCE with expert steps labelled 1 and agent steps 0,
+    each class weighted equally: L_D = −½·mean log D(h, â) − ½·mean log(1 − D(h, a))."""
     loss = 0.5 * (F.softplus(-f_expert).mean() + F.softplus(f_agent).mean())  # −log σ(x) = softplus(−x)
     stats = {"irl/D_loss": loss.item(), "irl/D_acc_expert": (f_expert > 0).float().mean().item(),
              "irl/D_acc_agent": (f_agent < 0).float().mean().item()}
@@ -747,7 +753,8 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     disc, disc_lm = heads["disc"], heads.get("disc_lm")  # disc_lm: the --disc-model backbone, fine-tuned with the head
     d_params = list(disc.parameters()) + (list(disc_lm.parameters()) if disc_lm is not None else [])
     d_opt = torch.optim.AdamW(d_params, lr=cfg.disc_lr)
-    d_rt = rt if disc_lm is not None else Runtime(rt.device, torch.float32)  # the head alone trains in fp32
+    d_rt_fp32 = Runtime(rt.device, torch.float32)  # heads alone train in fp32, no scaler
+    d_rt = rt if disc_lm is not None else d_rt_fp32
     train_groups = [g_ for g_, (row, _) in enumerate(groups) if row not in held]
     g = torch.Generator().manual_seed(derived_seed(cfg.seed, "disc", cycle))
     d_stats: dict = {}
@@ -764,7 +771,8 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
         optimizer_step(d_loss, d_opt, d_rt, d_params, cfg.max_grad_norm)
     with torch.no_grad():
         if disc_lm is not None:
-            outs = [pair_logps(disc_lm, encs, mb, cfg.packing, rt, hidden=True) for mb in batched(groups, cfg.batch_size)]
+            outs = [pair_logps(disc_lm, encs, mb, cfg.packing, rt, hidden=True)
+                    for mb in batched(groups, cfg.batch_size)]
             h_e, h_a = torch.cat([o["h_e"] for o in outs]), torch.cat([o["h_a"] for o in outs])
         f_e, f_a = disc(h_e), disc(h_a)  # (N,)
         _, held_stats = discriminator_loss(f_e[held_idx], f_a[held_idx]) if len(held_idx) else (None, {})
@@ -781,7 +789,7 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
         v_opt = torch.optim.AdamW(value.parameters(), lr=cfg.disc_lr)
         for _ in range(cfg.disc_steps):
             v_loss = F.mse_loss(value(h_p), r)
-            optimizer_step(v_loss, v_opt, Runtime(rt.device, torch.float32), list(value.parameters()), cfg.max_grad_norm)
+            optimizer_step(v_loss, v_opt, d_rt_fp32, list(value.parameters()), cfg.max_grad_norm)
         with torch.no_grad():
             b = value(h_p)
     adv = (r - b).detach()  # (N,)
@@ -804,22 +812,23 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
                     lp = pair_logps(ddp, encs, [groups[g_] for g_ in mb], cfg.packing, rt)
                     items = [j for gi in mb for j in range(starts[gi], starts[gi + 1])]
                     old = torch.cat([old_tok[j] for j in items])  # π_old = π_ref: the snapshot that inspected
-                    loss, stats = ppo_loss(lp["tok_logp_a"], old, old, adv[items][lp["tok_owner_a"]], cfg.clip, cfg.kl_coef)
+                    adv_tok = adv[items][lp["tok_owner_a"]]  # (N_tok,) each token carries its action's advantage
+                    loss, stats = ppo_loss(lp["tok_logp_a"], old, old, adv_tok, cfg.clip, cfg.kl_coef)
                     optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
                 tokens += lp["tokens"]
                 history.append(stats)
             run.log(stage="reflect", cycle=cycle, **history[-1])
     model.eval()
     summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
-    return {**summary, **d_stats, "irl/D_acc_heldout": float(np.mean([held_stats["irl/D_acc_expert"], held_stats["irl/D_acc_agent"]]))
-            if held_stats else float("nan"),
+    held_acc = (held_stats["irl/D_acc_expert"] + held_stats["irl/D_acc_agent"]) / 2 if held_stats else float("nan")
+    return {**summary, **d_stats, "irl/D_acc_heldout": held_acc,
             "irl/reward_expert": f_e.mean().item(), "irl/reward_agent": f_a.mean().item(),
             "irl/reward_agent_agree": f_a[agree].mean().item() if agree.any() else float("nan"),
             "irl/steps": n_items, "reflect/tokens": tokens, "reflect/seconds": time.time() - t0}
 
 
 
-# ============================================================================ 8. Convergence to the expert, and evaluation
+# ============================================================================ 8. Convergence to the expert; evaluation
 
 
 def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: int) -> dict:
@@ -828,8 +837,9 @@ def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: 
     if not heldout:
         return {}
     prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in heldout]
-    replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, cfg.gen_batch_size, 0, desc=f"held-out c{cycle}")
-    agree = [data.normalize_action(r) == data.normalize_action(enc.traj.steps[t].action) for r, (enc, t) in zip(replies, heldout)]
+    replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, cfg.gen_batch_size, 0, f"held-out c{cycle}")
+    same = data.normalize_action
+    agree = [same(r) == same(enc.traj.steps[t].action) for r, (enc, t) in zip(replies, heldout)]
     logps, n_tok = [], 0
     with torch.no_grad():
         for mb in batched(heldout, max(1, cfg.gen_batch_size)):
@@ -854,7 +864,7 @@ def make_act_fn(cfg: Config, rt: Runtime, model, tok):
 
 
 def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
-    """Evaluation (paper: experiments): play the real environment's held-out games; success rate per split and task type."""
+    """Evaluation (paper: experiments): play the real environment's held-out games; success per split and task type."""
     if not cfg.eval_games or not rt.is_main:
         return {}
     summaries = {}
@@ -862,7 +872,7 @@ def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict
         out = run.dir / "eval" / tag / f"{split}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         games = envs.spread_games(cfg.env, envs.list_games(cfg.env, split, cfg.env_data or None),
-                                  None if cfg.eval_games < 0 else cfg.eval_games)  # a handful still covers every task type
+                                  None if cfg.eval_games < 0 else cfg.eval_games)  # a handful covers every task type
         summaries[split] = envs.evaluate(cfg.env, split, make_act_fn(cfg, rt, model, tok), out, None, cfg.eval_batch,
                                          cfg.max_steps or None, data_dir=cfg.env_data or None, games=games)
     table = envs.format_summary(summaries)
@@ -874,7 +884,7 @@ def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict
     return summaries
 
 
-# ============================================================================ 9. Run directory: metrics, checkpoints, resume
+# ============================================================================ 9. Run directory, checkpoints, resume
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -895,7 +905,7 @@ class Run:
             atomic_write(self.dir / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def log(self, **kv) -> None:
-        """Append one JSON line; t counts log lines over the whole run, so resume can cut what came after a checkpoint."""
+        """Append one JSON line; t counts lines over the whole run, so resume can cut what came after a checkpoint."""
         self.t += 1
         if self.rt.is_main:
             with open(self.dir / "metrics.jsonl", "a") as f:
@@ -966,12 +976,14 @@ def train(cfg: Config) -> dict:
     run = Run(cfg, rt, tok)
     state = run.restore(ckpt) if ckpt else None
     if state:
-        print0(rt, f"resuming from {ckpt.name}: stage {state['stage']}, cycle {state['cycle']}, step {state.get('sft_step', 0)}")
+        print0(rt, f"resuming from {ckpt.name}: stage {state['stage']}, cycle {state['cycle']}, "
+                   f"step {state.get('sft_step', 0)}")
     train_e, train_stats = data.encode_dataset(tok, train_t, cfg.max_length, cfg.on_too_long)
     val_e, val_stats = data.encode_dataset(tok, val_t, cfg.max_length, cfg.on_too_long)
     print0(rt, f"expert trajectories: train {train_stats}, held-out {val_stats}")
     if not train_e:
-        raise SystemExit(f"error: no training trajectory fits --max-length {cfg.max_length}; raise it or use --on-too-long truncate")
+        raise SystemExit(f"error: no training trajectory fits --max-length {cfg.max_length}; "
+                         "raise it or use --on-too-long truncate")
     rng = random.Random(derived_seed(cfg.seed, "heldout"))
     val_steps = [(e, t) for e in val_e for t in range(len(e.action_spans))]
     heldout = rng.sample(val_steps, min(cfg.heldout_steps, len(val_steps)))
@@ -1006,7 +1018,8 @@ def train(cfg: Config) -> dict:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         # 3. inspection: the agent acts at expert prefixes of a fresh sample of trajectories
         pick = random.Random(derived_seed(cfg.seed, "pick", cycle))
-        rows = train_e if not cfg.inspect_trajectories else pick.sample(train_e, min(cfg.inspect_trajectories, len(train_e)))
+        n_rows = min(cfg.inspect_trajectories or len(train_e), len(train_e))
+        rows = train_e if n_rows == len(train_e) else pick.sample(train_e, n_rows)
         inspected = inspect(cfg, rt, model, tok, rows, cycle)
         agree = float(np.mean([it.agree for it in inspected]))
         # 4. reflection: implicit reward (step DPO) or inverse RL (D_φ + PPO)
