@@ -224,7 +224,8 @@ def default_expert_path(env: str) -> Path:
     path = Path(root) / "expert" / "train_planner.json"
     if not path.is_file():
         raise DataError(f"{path}: no such file: export ALFWORLD_DATA=/path/to/alfworld (the folder holding expert/"
-                        "train_planner.json), or pass --data FILE (e.g. one made by `python data.py build-expert`)")
+                        "train_planner.json), or pass --data FILE (ETO's alfworld_sft.json, or one made by "
+                        "`python data.py build-expert --env alfworld --split train --out FILE --fix-expert-grammar`)")
     return path
 
 
