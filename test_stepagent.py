@@ -722,6 +722,28 @@ def test_main_end_to_end(tiny_dir, tmp_path, method):
     assert any(not torch.equal(v, start[k]) for k, v in model.state_dict().items())  # it trained
 
 
+def test_inverse_with_a_separate_discriminator_backbone(tiny_dir, tmp_path):
+    """--disc-model fine-tunes a separate causal LM as D_φ's backbone: its weights change and it resumes with the run."""
+    out = tmp_path / "run"
+    sa.main(["--model", str(tiny_dir), "--disc-model", str(tiny_dir), "--out", str(out), "--max-trajectories", "8",
+             "--cycles", "1", "--method", "inverse", "--inspect-trajectories", "5", "--steps-per-trajectory", "2",
+             "--disc-steps", "3", *FAST])
+    cycle = [ln for ln in read_metrics(out) if ln["stage"] == "cycle" and ln["cycle"] == 1][0]
+    assert 0 <= cycle["irl/D_acc_expert"] <= 1 and cycle["irl/D_loss"] > 0
+    state = torch.load(sorted(out.glob("ckpt-[0-9]*"))[-1] / "state.pt", weights_only=False)
+    backbone = state["heads"]["disc_lm"]
+    start = tiny_model("sdpa").state_dict()
+    assert backbone.keys() == start.keys() and any(not torch.equal(backbone[k], start[k]) for k in start)
+    bad = tmp_path / "other"
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(bad)
+    tiny_model().save_pretrained(bad)
+    with pytest.raises(SystemExit, match="another tokenizer"):
+        sa.main(["--model", str(tiny_dir), "--disc-model", str(bad), "--out", str(tmp_path / "r2"), "--method", "inverse",
+                 "--max-trajectories", "4", *FAST])
+
+
 def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
     """4 SFT steps straight equal 2 steps + --resume + 2 steps, metric for metric, with no duplicated log lines."""
     a, b = tmp_path / "a", tmp_path / "b"
