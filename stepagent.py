@@ -952,7 +952,8 @@ class Run:
 
 
 def train(cfg: Config) -> dict:
-    """SFT -> N cycles of (π_ref snapshot, inspection, reflection, convergence metrics) -> evaluation."""
+    """The whole method: 1. SFT; then per cycle 2. π_ref snapshot, 3. inspection, 4. reflection, 5. distance to the
+    expert on held-out steps; finally 6. evaluation in the environment (numbers match the comments below)."""
     rt = setup_runtime(cfg)
     print0(rt, json.dumps(dataclasses.asdict(cfg)))
     # Fail early, before a model loads: data, environment, run directory.
