@@ -356,8 +356,9 @@ class Branch:
 def pack_tree(encs: list, expert_steps: list[list[int]], branches: list[list[Branch]], device) -> dict:
     """One-pass layout: each row is a trajectory followed by its agent branches; a branch attends to h_t and itself.
 
-    Returns ids, positions and a (B, 1, Q, Q) allow-mask, plus for every action (expert spans first, then branches,
-    row by row) the (row, predictor position, target id) of each of its tokens: log π(a|h) = Σ log p(target | pred).
+    Returns ids, positions and a (B, 1, Q, Q) allow-mask (a plain 2-D mask when there are no branches), plus for every
+    action (expert spans first, then branches, row by row) the (row, predictor position, target id, action index,
+    own position) of each of its tokens: log π(a|h) = Σ log p(target | predictor).
     """
     rows, preds, n_actions = [], [], 0
     for b, (enc, steps, brs) in enumerate(zip(encs, expert_steps, branches)):
@@ -548,7 +549,8 @@ def generate(model, tok, rt: Runtime, prompts: list[list[int]], temperature: flo
                   dynamic_ncols=True, leave=False):
         batch = [prompts[j] for j in order[i:i + batch_size]]
         enc = tok.pad({"input_ids": batch}, padding=True, padding_side="left", return_tensors="pt").to(rt.device)
-        sample = {"do_sample": False} if temperature <= 0 else dict(do_sample=True, temperature=temperature, top_k=0)
+        pure = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)  # plain sampling: no truncation
+        sample = {"do_sample": False} if temperature <= 0 else pure
         with rt.autocast():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=eos, **sample)
