@@ -117,7 +117,8 @@ class Config:
     heldout_steps: int = 64  # fixed held-out expert steps for agreement / log π(â|h) after every cycle
     eval_games: int = 0  # games per eval split (0 = no evaluation, -1 = all: 140 seen / 134 unseen)
     eval_splits: str = ""  # comma-separated (default: valid_seen,valid_unseen; sciworld: dev,test; webshop: test)
-    eval_batch: int = 8  # environments played in parallel (one generate call per turn)
+    eval_batch: int = 8  # environments played in parallel
+    eval_cache: bool = True  # keep each episode's KV cache across turns (--no-eval-cache: batched, re-encode all)
     eval_every: int = 0  # also evaluate after every N cycles (0 = only at the end)
     max_steps: int = 0  # turns per episode (0 = the env's: ALFWorld 40 as ETO, IPR 20; ScienceWorld ETO's per task)
     env_data: str = ""  # environment data dir (default $ALFWORLD_DATA, else ../shared/alfworld)
@@ -855,14 +856,100 @@ def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: 
 
 
 def make_act_fn(cfg: Config, rt: Runtime, model, tok):
-    """The policy as the environment harness sees it: histories in, one batched greedy generate, replies out.
+    """The policy as the environment harness sees it: histories in, greedy replies out.
 
     Histories are rendered with data.encode_prompt, the very function that built the training prefixes h_t.
+    --eval-cache (default): each episode's KV cache is kept across turns and the live episodes decode together;
+    --no-eval-cache: one batched generate per turn that re-encodes every history from its first token.
     """
+    if cfg.eval_cache:
+        return PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens)
+
     def act(histories: list) -> list[str]:
         prompts = [data.encode_prompt(tok, h, len(h.steps)) for h in histories]
         return generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, len(prompts), 0, desc="act")
     return act
+
+
+class PrefixCachedPolicy:
+    """Greedy acting that keeps each episode's KV cache across turns (keyed by the history's id).
+
+    h_{t+1} = h_t + a_t + o_t, so a turn prefills only what is new (o_t and the chat markup) instead of the whole
+    history, which dominates the cost of acting once histories grow (bench row 3). Then all live episodes decode
+    together: their caches are left-padded into one batch, with an attention mask over the padding and position_ids
+    that continue each episode's own positions. Exact by construction: a cache is cut back to the longest common
+    prefix of the ids it holds and the new prompt, so a reply that re-tokenises differently, or a history that is not
+    an extension, only costs recomputation. Episodes absent from a call are dropped. Plain argmax decoding, as
+    generate(do_sample=False) with no logits processors configured. Caches of full-attention (DynamicLayer) models.
+    """
+
+    def __init__(self, model, tok, rt: Runtime, max_new_tokens: int):
+        self.model, self.tok, self.rt, self.max_new_tokens = model, tok, rt, max_new_tokens
+        self.eos = {tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None}
+        self.caches: dict[str, tuple[list[int], list]] = {}  # episode id -> (ids held, [(K, V) per layer])
+        import inspect
+
+        fwd = inspect.signature(model.forward).parameters  # transformers >= 5.x names it `cache`, before `past_key_values`
+        self.cache_kw = "cache" if "cache" in fwd else "past_key_values"
+
+    def _forward(self, ids: list[list[int]], cache, **kw) -> torch.Tensor:
+        """One forward over new tokens after the cached ones (the cache grows in place); the last position's logits."""
+        with self.rt.autocast():
+            out = self.model(input_ids=torch.tensor(ids, device=self.rt.device), use_cache=True, logits_to_keep=1,
+                             **{self.cache_kw: cache}, **kw)
+        return out.logits[:, -1].float()
+
+    @staticmethod
+    def _cache(kv: list):
+        """A DynamicCache holding the given (K, V) per layer: (batch, kv heads, sequence, head dim) each."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(kv):
+            cache.update(k, v, layer)
+        return cache
+
+    @torch.no_grad()
+    def __call__(self, histories: list) -> list[str]:
+        self.model.eval()
+        dev, B = self.rt.device, len(histories)
+        prompts = [data.encode_prompt(self.tok, h, len(h.steps)) for h in histories]
+        # 1. prefill, one episode at a time: only the tokens after the longest prefix the cache already holds
+        kvs, first, seen = [], [], set()
+        for h, ids in zip(histories, prompts):
+            held, kv = self.caches.get(h.id, ([], [])) if h.id not in seen else ([], [])
+            seen.add(h.id)
+            n = next((j for j, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
+            n = min(n, len(ids) - 1)  # at least one prompt token goes through the model
+            cache = self._cache([(k[..., :n, :], v[..., :n, :]) for k, v in kv] if n else [])
+            first.append(int(self._forward([ids[n:]], cache)[0].argmax()))
+            kvs.append([(layer.keys, layer.values) for layer in cache.layers])
+        # 2. decode all episodes together: caches left-padded to the longest prompt, the padding masked out
+        lens = torch.tensor([len(p) for p in prompts], device=dev)
+        L = int(lens.max())
+        pad = [(0, 0, L - len(p), 0) for p in prompts]  # (head dim, sequence) padding of each episode's K and V
+        cache = self._cache([tuple(torch.cat([F.pad(kvs[i][layer][j], pad[i]) for i in range(B)]) for j in (0, 1))
+                             for layer in range(len(kvs[0]))])
+        mask = (torch.arange(L, device=dev)[None] >= (L - lens)[:, None]).long()
+        new = [[t] for t in first]
+        live = [t not in self.eos for t in first]
+        for s in range(1, self.max_new_tokens):
+            if not any(live):
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            logits = self._forward([[ts[-1]] for ts in new], cache, attention_mask=mask,
+                                   position_ids=(lens + s - 1)[:, None])  # each episode's own next position
+            for i, t in enumerate(logits.argmax(-1).tolist()):
+                if live[i]:
+                    new[i].append(t)
+                    live[i] = t not in self.eos
+        # 3. keep each episode's own cache: its prompt and the reply tokens fed back (all but the last)
+        self.caches = {}
+        for i, (h, ids) in enumerate(zip(histories, prompts)):
+            keep = slice(L - len(ids), L + len(new[i]) - 1)
+            self.caches[h.id] = (ids + new[i][:-1], [(layer.keys[i:i + 1, :, keep], layer.values[i:i + 1, :, keep])
+                                                     for layer in cache.layers])
+        return [self.tok.decode(ts, skip_special_tokens=True).strip() for ts in new]
 
 
 def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:

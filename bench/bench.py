@@ -56,7 +56,7 @@ class Sizes:
     repeats_b: int = 1  # rows 2-3: 1 = B=1 then B=k; 2 = ABBA order (drift cancels, twice the time)
     games: int = 4  # valid_seen games per evaluation
     eval_batch: int = 4
-    max_steps: int = 4
+    max_steps: int = 8  # turns per game: the KV cache gains more the longer the histories grow
     gpu_trajectories: int = 8  # row 4: trajectories per SFT / reflection step (one packed forward)
 
 
@@ -268,20 +268,29 @@ def generation_row(name: str, model, tok, rt, sizes: Sizes, data_dir: str) -> di
             "same_outputs": sum(a == b for a, b in zip(outs["B=1"], outs[f"B={B}"])) / len(prompts)}
 
 
-def evaluation_row(name: str, act, sizes: Sizes, data_dir: str) -> dict:
-    """Games per minute on real ALFWorld valid_seen: B environments (one act call per turn for all) vs one."""
-    out_dir, turns = Path(tempfile.mkdtemp(prefix="bench-eval-")), {}
+def evaluation_row(name: str, acts: dict, sizes: Sizes, data_dir: str) -> dict:
+    """Games per minute on real ALFWorld valid_seen. Settings: B=1 and B environments, each turn one batched generate
+    that re-encodes every history (--no-eval-cache), and B environments with each episode's KV cache kept across turns
+    (--eval-cache, the default). acts: {"plain": act, "cached": factory of a fresh cached act}; one of them may miss."""
+    out_dir, turns, B = Path(tempfile.mkdtemp(prefix="bench-eval-")), {}, sizes.eval_batch
+    settings = {k: v for k, v in {"B=1": ("plain", 1), f"B={B}": ("plain", B),
+                                  f"B={B}, KV cache": ("cached", B)}.items() if v[0] in acts}
 
-    def play(b: int) -> dict:
-        out = out_dir / f"{name}-B{b}-{len(list(out_dir.iterdir()))}.jsonl"  # fresh file: evaluate skips done games
+    def play(setting: str) -> list:
+        kind, b = settings[setting]
+        act = acts[kind]() if kind == "cached" else acts[kind]  # a fresh cache: no episode of an earlier setting
+        out = out_dir / f"{name}-{setting}-{len(list(out_dir.iterdir()))}.jsonl"  # evaluate skips games done in out
         summary = envs.evaluate("alfworld", "valid_seen", act, out, sizes.games, b, sizes.max_steps, data_dir=data_dir)
-        turns[f"B={b}"] = sum(json.loads(ln)["steps"] for ln in out.read_text().splitlines())
-        return summary
+        recs = sorted((json.loads(ln) for ln in out.read_text().splitlines()), key=lambda r: r["game"])
+        turns[setting] = sum(r["steps"] for r in recs)
+        return [summary["errors"], [[s["action"] for s in r["transcript"]] for r in recs]]
 
-    times, _, outs = interleaved({f"B={b}": (lambda b=b: play(b)) for b in (1, sizes.eval_batch)}, sizes.repeats_b)
+    times, _, outs = interleaved({k: (lambda k=k: play(k)) for k in settings}, sizes.repeats_b)
     rate = {k: 60 * sizes.games / statistics.median(v) for k, v in times.items()}
+    first = outs[next(iter(settings))][1]
     return {"games": sizes.games, "max_steps": sizes.max_steps, "times": times, "rate": rate, "turns": turns,
-            "errors": {k: s["errors"] for k, s in outs.items()}, "speedup": rate[f"B={sizes.eval_batch}"] / rate["B=1"]}
+            "errors": {k: o[0] for k, o in outs.items()}, "speedup": {k: r / rate["B=1"] for k, r in rate.items()},
+            "same_actions": {k: sum(a == b for a, b in zip(first, o[1])) / len(first) for k, o in outs.items()}}
 
 
 # ---------------------------------------------------------------------------- 4. GPU: MFU, bf16 vs fp16 + GradScaler
@@ -383,8 +392,9 @@ def table(res: dict, sizes: Sizes) -> str:
                     check = f" ({r['cpu_speedup']:.2f}x by CPU time); same outputs as B=1: {r['same_outputs']:.0%}"
                 else:
                     work = f"{r['games']} games x <= {r['max_steps']} turns ({r['turns'][k]} played)"
-                    check = f"; engine errors {r['errors'][k]}"
-                ratio = "baseline" if k == "B=1" else f"{r['speedup']:.2f}x the B=1 rate{check}"
+                    check = f"; same actions as B=1: {r['same_actions'][k]:.0%}; engine errors {r['errors'][k]}"
+                speedup = r["speedup"][k] if isinstance(r["speedup"], dict) else r["speedup"]
+                ratio = "baseline" if k == "B=1" else f"{speedup:.2f}x the B=1 rate{check}"
                 lines.append(f"| {label} | {name} | {k} | {work} | {v:.2f} {unit} | | {ratio} |")
     gpu = res.get("gpu", {})
     for key, r in gpu.items():
@@ -433,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if 1 in rows:
         res["reflection"] = reflection_rows(sizes, args.data)
     if 3 in rows:  # the harness alone: engines and the turn loop, with a policy that costs nothing
-        res["evaluation"] = {"no-op": evaluation_row("no-op", lambda hs: ["look"] * len(hs), sizes, args.data)}
+        res["evaluation"] = {"no-op": evaluation_row("no-op", {"plain": lambda hs: ["look"] * len(hs)}, sizes, args.data)}
     if rows & {2, 3}:
         rt = runtime()
         for name in sizes.models:
@@ -442,8 +452,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             if 2 in rows:
                 res.setdefault("generation", {})[name] = generation_row(name, model, tok, rt, sizes, args.data)
             if 3 in rows:
-                act = stepagent.make_act_fn(stepagent.Config(max_new_tokens=sizes.new_tokens), rt, model, tok)
-                res.setdefault("evaluation", {})[name] = evaluation_row(name, act, sizes, args.data)
+                cfg = stepagent.Config(max_new_tokens=sizes.new_tokens, eval_cache=False)
+                acts = {"plain": stepagent.make_act_fn(cfg, rt, model, tok),
+                        "cached": lambda: stepagent.make_act_fn(replace(cfg, eval_cache=True), rt, model, tok)}
+                res.setdefault("evaluation", {})[name] = evaluation_row(name, acts, sizes, args.data)
             del model
     if args.gpu or 4 in rows:
         if not torch.cuda.is_available():
