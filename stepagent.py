@@ -118,7 +118,7 @@ class Config:
     eval_games: int = 0  # games per eval split (0 = no evaluation, -1 = all: 140 seen / 134 unseen)
     eval_splits: str = ""  # comma-separated (default: valid_seen,valid_unseen; sciworld: dev,test; webshop: test)
     eval_batch: int = 8  # environments played in parallel
-    eval_cache: bool = True  # keep each episode's KV cache across turns (--no-eval-cache: batched, re-encode all)
+    eval_cache: bool = True  # keep each episode's KV cache across turns (--no-eval-cache: re-encode every turn)
     eval_every: int = 0  # also evaluate after every N cycles (0 = only at the end)
     max_steps: int = 0  # turns per episode (0 = the env's: ALFWorld 40 as ETO, IPR 20; ScienceWorld ETO's per task)
     env_data: str = ""  # environment data dir (default $ALFWORLD_DATA, else ../shared/alfworld)
