@@ -889,7 +889,7 @@ class PrefixCachedPolicy:
         self.caches: dict[str, tuple[list[int], list]] = {}  # episode id -> (ids held, [(K, V) per layer])
         import inspect
 
-        fwd = inspect.signature(model.forward).parameters  # transformers >= 5.x names it `cache`, before `past_key_values`
+        fwd = inspect.signature(model.forward).parameters  # newer transformers: `cache`, older: `past_key_values`
         self.cache_kw = "cache" if "cache" in fwd else "past_key_values"
 
     def _forward(self, ids: list[list[int]], cache, **kw) -> torch.Tensor:

@@ -443,7 +443,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if 1 in rows:
         res["reflection"] = reflection_rows(sizes, args.data)
     if 3 in rows:  # the harness alone: engines and the turn loop, with a policy that costs nothing
-        res["evaluation"] = {"no-op": evaluation_row("no-op", {"plain": lambda hs: ["look"] * len(hs)}, sizes, args.data)}
+        noop = {"plain": lambda hs: ["look"] * len(hs)}
+        res["evaluation"] = {"no-op": evaluation_row("no-op", noop, sizes, args.data)}
     if rows & {2, 3}:
         rt = runtime()
         for name in sizes.models:

@@ -59,9 +59,10 @@ def behaviour(recs: list[dict]) -> dict:
 
 
 CYCLE_COLS = {"cycle": "cycle", "cycle/agreement": "agreement", "cycle/logp_expert": "log π(â\\|h)",
-              "inspect/agreement": "inspect agreement", "imp/reward_margin": "reward margin", "imp/reward_acc": "margin > 0",
-              "irl/D_acc_heldout": "D acc. (held-out)", "irl/reward_expert": "f_φ expert", "irl/reward_agent": "f_φ agent",
-              "ppo/clipfrac": "PPO clipfrac", "ppo/kl_ref": "KL to π_ref"}
+              "inspect/agreement": "inspect agreement", "imp/reward_margin": "reward margin",
+              "imp/reward_acc": "margin > 0", "irl/D_acc_heldout": "D acc. (held-out)",
+              "irl/reward_expert": "f_φ expert", "irl/reward_agent": "f_φ agent", "ppo/clipfrac": "PPO clipfrac",
+              "ppo/kl_ref": "KL to π_ref"}
 
 
 def cycle_table(metrics: list[dict]) -> str:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         recs = {s: read_jsonl(d / "eval" / "final" / f"{s}.jsonl") for s in SPLITS}
         train_m, eval_m = read_jsonl(train_dir / "metrics.jsonl"), read_jsonl(d / "metrics.jsonl")
         sft_steps = sum(m.get("stage") == "sft" for m in train_m)
-        cycles = [m for m in train_m if m.get("stage") == "cycle" and isinstance(m.get("cycle"), int) and m["cycle"] > 0]
+        cycles = [m for m in train_m if m.get("stage") == "cycle" and m.get("cycle") not in ("init", 0)]
         inspected = sum(m.get("inspect/steps", 0) for m in cycles)
         setup = (f"{train_cfg['model'].split('/')[-1]}, {train_cfg['max_trajectories'] or 'all'} trajectories, "
                  f"{sft_steps} SFT steps, {len(cycles)} cycles ({inspected} inspected steps), seed {train_cfg['seed']}")
@@ -105,11 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         convergence.append(f"{label} (`{train_dir}/metrics.jsonl`):\n\n" + cycle_table(train_m))
     if args.expert:
         ex = {s: read_jsonl(args.expert / f"{s}.jsonl") for s in SPLITS}
-        cap = {s: sum(bool(r.get("won")) and len(r.get("steps", [])) <= 20 for r in ex[s]) for s in SPLITS}
-        rows.append(f"| expert replay (upper bound) | {rate(sum(bool(r.get('won')) for r in ex['valid_seen']), len(ex['valid_seen']))} | "
-                    f"{rate(sum(bool(r.get('won')) for r in ex['valid_unseen']), len(ex['valid_unseen']))} | ALFWorld's hand-coded "
-                    f"expert, grammar-fixed; within 20 turns: {rate(cap['valid_seen'], len(ex['valid_seen']))} / "
-                    f"{rate(cap['valid_unseen'], len(ex['valid_unseen']))} | cap 80 turns | `{args.expert}` |")
+        won = {s: rate(sum(bool(r.get("won")) for r in ex[s]), len(ex[s])) for s in SPLITS}
+        in20 = {s: rate(sum(bool(r.get("won")) and len(r.get("steps", [])) <= 20 for r in ex[s]), len(ex[s]))
+                for s in SPLITS}
+        rows.append(f"| expert replay (upper bound) | {won['valid_seen']} | {won['valid_unseen']} | ALFWorld's "
+                    f"hand-coded expert, grammar-fixed; won within 20 turns: {in20['valid_seen']} seen, "
+                    f"{in20['valid_unseen']} unseen | cap 80 turns | `{args.expert}` |")
         behave.append(behaviour_row("expert replay", behaviour(ex["valid_seen"] + ex["valid_unseen"])))
     print("| method | seen | unseen | model, data, cycles, seed | wall time | raw logs |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
