@@ -285,11 +285,13 @@ def evaluation_row(name: str, acts: dict, sizes: Sizes, data_dir: str) -> dict:
         turns[setting] = sum(r["steps"] for r in recs)
         return [summary["errors"], [[s["action"] for s in r["transcript"]] for r in recs]]
 
-    times, _, outs = interleaved({k: (lambda k=k: play(k)) for k in settings}, sizes.repeats_b)
+    times, cpu, outs = interleaved({k: (lambda k=k: play(k)) for k in settings}, sizes.repeats_b)
     rate = {k: 60 * sizes.games / statistics.median(v) for k, v in times.items()}
     first = outs[next(iter(settings))][1]
     return {"games": sizes.games, "max_steps": sizes.max_steps, "times": times, "rate": rate, "turns": turns,
             "errors": {k: o[0] for k, o in outs.items()}, "speedup": {k: r / rate["B=1"] for k, r in rate.items()},
+            "cpu_times": cpu, "cpu_speedup": {k: statistics.median(cpu["B=1"]) / statistics.median(c)
+                                              for k, c in cpu.items()},  # the policy's process; engines excluded
             "same_actions": {k: sum(a == b for a, b in zip(first, o[1])) / len(first) for k, o in outs.items()}}
 
 
@@ -392,7 +394,8 @@ def table(res: dict, sizes: Sizes) -> str:
                     check = f" ({r['cpu_speedup']:.2f}x by CPU time); same outputs as B=1: {r['same_outputs']:.0%}"
                 else:
                     work = f"{r['games']} games x <= {r['max_steps']} turns ({r['turns'][k]} played)"
-                    check = f"; same actions as B=1: {r['same_actions'][k]:.0%}; engine errors {r['errors'][k]}"
+                    check = (f" ({r['cpu_speedup'][k]:.2f}x by this process's CPU time); same actions as B=1: "
+                             f"{r['same_actions'][k]:.0%}; engine errors {r['errors'][k]}")
                 speedup = r["speedup"][k] if isinstance(r["speedup"], dict) else r["speedup"]
                 ratio = "baseline" if k == "B=1" else f"{speedup:.2f}x the B=1 rate{check}"
                 lines.append(f"| {label} | {name} | {k} | {work} | {v:.2f} {unit} | | {ratio} |")
