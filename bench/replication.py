@@ -38,12 +38,13 @@ def rate(won: int, n: int) -> str:
     return f"{100 * won / max(n, 1):.1f}% ({won}/{n})"
 
 
-def wall_minutes(metrics: list[dict], stage: str | None = None) -> float:
-    """Minutes from a run's first metrics line to its last (stage="eval": from the line before the eval line)."""
+def wall_minutes(run: Path, metrics: list[dict], stage: str | None = None) -> float:
+    """Minutes from the run's start (config.json is written once the model has loaded) to its last metrics line;
+    stage="eval": the evaluation alone, from the line before the eval line to it."""
     if stage:
         i = next(i for i, m in enumerate(metrics) if m.get("stage") == stage)
         return (metrics[i]["time"] - metrics[i - 1]["time"]) / 60
-    return (metrics[-1]["time"] - metrics[0]["time"]) / 60
+    return (metrics[-1]["time"] - (run / "config.json").stat().st_mtime) / 60
 
 
 def behaviour(recs: list[dict]) -> dict:
@@ -96,12 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         sft_steps = sum(m.get("stage") == "sft" for m in train_m)
         cycles = [m for m in train_m if m.get("stage") == "cycle" and m.get("cycle") not in ("init", 0)]
         inspected = sum(m.get("inspect/steps", 0) for m in cycles)
-        setup = (f"{train_cfg['model'].split('/')[-1]}, {train_cfg['max_trajectories'] or 'all'} trajectories, "
+        setup = (f"{train_cfg['model'].split('/')[-1]}, --max-trajectories {train_cfg['max_trajectories']}, "
                  f"{sft_steps} SFT steps, {len(cycles)} cycles ({inspected} inspected steps), seed {train_cfg['seed']}")
         errors = sum(r["error"] is not None for s in SPLITS for r in recs[s])
         rows.append(f"| {label} | {rate(sum(r['won'] for r in recs['valid_seen']), len(recs['valid_seen']))} | "
                     f"{rate(sum(r['won'] for r in recs['valid_unseen']), len(recs['valid_unseen']))} | {setup} | "
-                    f"{wall_minutes(train_m):.0f} min train, {wall_minutes(eval_m, 'eval'):.0f} min eval "
+                    f"{wall_minutes(train_dir, train_m):.0f} min train, {wall_minutes(d, eval_m, 'eval'):.0f} min eval "
                     f"({eval_cfg['max_steps']} turns, {errors} engine errors) | `{train_dir}`, `{d}` |")
         behave.append(behaviour_row(label, behaviour(recs["valid_seen"] + recs["valid_unseen"])))
         convergence.append(f"{label} (`{train_dir}/metrics.jsonl`):\n\n" + cycle_table(train_m))
