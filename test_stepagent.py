@@ -1238,3 +1238,24 @@ def test_cli_plays_real_alfworld_games_with_the_trained_policy(tmp_path):
     assert json.loads((out / "eval" / "final" / "summary.json").read_text()).keys() == {"valid_seen", "valid_unseen"}
     evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert "eval/valid_seen/success" in evals[-1]
+
+
+def test_replication_report_counts_what_the_agents_did():
+    """bench/replication.py, which writes the README's tables, counts verbs, refusals, repeats and pick-ups."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+    import replication
+
+    def turn(action, obs="On the desk 1, you see a mug 1."):
+        return {"action": action, "observation": obs}
+
+    episodes = [{"task": "You are in a room.\n\nYour task is to: put a mug in desk.",
+                 "transcript": [turn("go to desk 1"), turn("go to desk 1", "Nothing happens."),
+                                turn("take mug 1 from desk 1", "You pick up the mug 1 from the desk 1.")]},
+                {"initial_observation": "Your task is to: examine the bowl with the desklamp.",
+                 "steps": [turn("take pen 1 from desk 1", "You pick up the pen 1 from the desk 1."), turn("look")]}]
+    b = replication.behaviour(episodes)
+    assert (b["turns"], b["nothing"], b["repeats"], b["picked"], b["picked_goal"]) == (5, 1, 1, 2, 1)
+    assert b["verbs"] == {"go to": 2, "take": 2, "look": 1}
+    metrics = [{"stage": "cycle", "cycle": "init", "cycle/agreement": 0.0}, {"stage": "sft", "sft/loss": 1.0},
+               {"stage": "cycle", "cycle": 1, "cycle/agreement": 0.5, "imp/reward_margin": 0.25}]
+    assert replication.cycle_table(metrics).splitlines()[2:] == ["| before SFT | 0.000 |  |", "| 1 | 0.500 | 0.250 |"]

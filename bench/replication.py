@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -48,15 +49,19 @@ def wall_minutes(run: Path, metrics: list[dict], stage: str | None = None) -> fl
 
 
 def behaviour(recs: list[dict]) -> dict:
-    """What the agent did: its action verbs, how often the engine answered "Nothing happens.", repeats, pick-ups.
-    Records are evaluation episodes ("transcript") or expert replays ("steps")."""
-    recs = [{"transcript": r.get("transcript", r.get("steps", []))} for r in recs]
+    """What the agent did: its action verbs, how often the engine answered "Nothing happens.", repeats, pick-ups (of
+    anything, and of an object the task names). Records are evaluation episodes or expert replays ("steps")."""
+    recs = [{"transcript": r.get("transcript", r.get("steps", [])),
+             "goal": (r.get("task") or r.get("initial_observation", "")).split("Your task is to:")[-1].lower()}
+            for r in recs]
     acts = [s for r in recs for s in r["transcript"]]
     verbs = Counter(next((v for v in VERBS if s["action"].startswith(v)), "other") for s in acts)
     repeats = sum(a["action"] == b["action"] for r in recs for a, b in zip(r["transcript"], r["transcript"][1:]))
+    picked = [[m.group(1) for s in r["transcript"] if (m := re.match(r"You pick up the (\w+)", s["observation"]))]
+              for r in recs]
     return {"turns": len(acts), "verbs": verbs, "nothing": sum(s["observation"] == "Nothing happens." for s in acts),
-            "repeats": repeats, "picked": sum(any(s["observation"].startswith("You pick up") for s in r["transcript"])
-                                               for r in recs), "episodes": len(recs)}
+            "repeats": repeats, "picked": sum(map(bool, picked)), "episodes": len(recs),
+            "picked_goal": sum(any(o in r["goal"] for o in objs) for r, objs in zip(recs, picked))}
 
 
 CYCLE_COLS = {"cycle": "cycle", "cycle/agreement": "agreement", "cycle/logp_expert": "log π(â\\|h)",
@@ -79,7 +84,8 @@ def cycle_table(metrics: list[dict]) -> str:
 def behaviour_row(label: str, b: dict) -> str:
     top = ", ".join(f"{v} {100 * c / b['turns']:.0f}%" for v, c in b["verbs"].most_common(5))
     return (f"| {label} | {b['turns']:,} | {top} | {100 * b['nothing'] / b['turns']:.0f}% | "
-            f"{100 * b['repeats'] / b['turns']:.0f}% | {b['picked']}/{b['episodes']} |")
+            f"{100 * b['repeats'] / b['turns']:.0f}% | {b['picked']}/{b['episodes']} | "
+            f"{b['picked_goal']}/{b['episodes']} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| method | seen | unseen | model, data, cycles, seed | wall time | raw logs |\n|---|---|---|---|---|---|")
     print("\n".join(rows))
     print("\n| method | turns | actions (top 5 verbs) | \"Nothing happens.\" | same action as the turn before "
-          "| episodes that picked anything up |\n|---|---|---|---|---|---|")
+          "| episodes that picked anything up | ... an object the task names |\n|---|---|---|---|---|---|---|")
     print("\n".join(behave))
     print("\n" + "\n\n".join(convergence))
 
