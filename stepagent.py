@@ -862,8 +862,11 @@ def make_act_fn(cfg: Config, rt: Runtime, model, tok):
     --eval-cache (default): each episode's KV cache is kept across turns and the live episodes decode together;
     --no-eval-cache: one batched generate per turn that re-encodes every history from its first token.
     """
-    if cfg.eval_cache:
+    kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
+    if cfg.eval_cache and kinds == {"full_attention"}:
         return PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens)
+    if cfg.eval_cache:
+        print0(rt, f"--eval-cache: {', '.join(sorted(kinds))} layers need their own cache types; re-encoding instead")
 
     def act(histories: list) -> list[str]:
         prompts = [data.encode_prompt(tok, h, len(h.steps)) for h in histories]
