@@ -543,7 +543,7 @@ def generate(model, tok, rt: Runtime, prompts: list[list[int]], temperature: flo
     """Batched generation (left padding, KV cache); prompts sorted by length so batches waste little padding."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
-    eos = sorted({tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None})
+    eos = end_tokens(model, tok)
     torch.manual_seed(seed)
     model.eval()
     for i in tqdm(range(0, len(order), batch_size), desc=desc, disable=not rt.is_main or len(order) <= batch_size,
@@ -560,8 +560,10 @@ def generate(model, tok, rt: Runtime, prompts: list[list[int]], temperature: flo
     return replies
 
 
-def _as_list(x) -> list:
-    return x if isinstance(x, list) else [x]
+def end_tokens(model, tok) -> list[int]:
+    """The ids that end a reply: the tokenizer's EOS and every one the model's generation config names."""
+    ids = model.generation_config.eos_token_id
+    return sorted({tok.eos_token_id, *(ids if isinstance(ids, list) else [ids])} - {None})
 
 
 def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> list[Inspected]:
@@ -888,11 +890,11 @@ class PrefixCachedPolicy:
 
     def __init__(self, model, tok, rt: Runtime, max_new_tokens: int):
         self.model, self.tok, self.rt, self.max_new_tokens = model, tok, rt, max_new_tokens
-        self.eos = {tok.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None}
+        self.eos = set(end_tokens(model, tok))
         self.caches: dict[str, tuple[list[int], list]] = {}  # episode id -> (ids held, [(K, V) per layer])
-        import inspect
+        from inspect import signature  # (the module name `inspect` is the paper's inspection stage here)
 
-        fwd = inspect.signature(model.forward).parameters  # newer transformers: `cache`, older: `past_key_values`
+        fwd = signature(model.forward).parameters  # newer transformers: `cache`, older: `past_key_values`
         self.cache_kw = "cache" if "cache" in fwd else "past_key_values"
 
     def _forward(self, ids: list[list[int]], cache, **kw) -> torch.Tensor:

@@ -392,11 +392,12 @@ def table(res: dict, sizes: Sizes) -> str:
                 if kind == "generation":
                     work = f"{r['prefixes']} prefixes (mean {r['mean_prefix_tokens']:.0f} tok) x <= {sizes.new_tokens}"
                     check = f" ({r['cpu_speedup']:.2f}x by CPU time); same outputs as B=1: {r['same_outputs']:.0%}"
+                    speedup = r["speedup"]
                 else:
                     work = f"{r['games']} games x <= {r['max_steps']} turns ({r['turns'][k]} played)"
                     check = (f" ({r['cpu_speedup'][k]:.2f}x by this process's CPU time); same actions as B=1: "
                              f"{r['same_actions'][k]:.0%}; engine errors {r['errors'][k]}")
-                speedup = r["speedup"][k] if isinstance(r["speedup"], dict) else r["speedup"]
+                    speedup = r["speedup"][k]
                 ratio = "baseline" if k == "B=1" else f"{speedup:.2f}x the B=1 rate{check}"
                 lines.append(f"| {label} | {name} | {k} | {work} | {v:.2f} {unit} | | {ratio} |")
     gpu = res.get("gpu", {})

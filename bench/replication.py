@@ -26,10 +26,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def training_run(eval_dir: Path) -> tuple[dict, Path]:
+def training_run(eval_cfg: dict, eval_dir: Path) -> tuple[dict, Path]:
     """The config of the run whose checkpoint EVAL_DIR evaluated, and that run's directory."""
-    cfg = json.loads((eval_dir / "config.json").read_text())
-    ckpt = Path(cfg["model"])
+    ckpt = Path(eval_cfg["model"])
     if not (ckpt.parent / "config.json").exists():
         raise SystemExit(f"error: {eval_dir}/config.json: --model {ckpt} is not a checkpoint of a stepagent run dir")
     return json.loads((ckpt.parent / "config.json").read_text()), ckpt.parent
@@ -37,6 +36,11 @@ def training_run(eval_dir: Path) -> tuple[dict, Path]:
 
 def rate(won: int, n: int) -> str:
     return f"{100 * won / max(n, 1):.1f}% ({won}/{n})"
+
+
+def success(recs: list[dict]) -> str:
+    """Games won out of those played (evaluation episodes and expert replays both carry "won")."""
+    return rate(sum(bool(r.get("won")) for r in recs), len(recs))
 
 
 def wall_minutes(run: Path, metrics: list[dict], stage: str | None = None) -> float:
@@ -95,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows, behave, convergence = [], [], []
     for d in args.eval_dirs:
-        train_cfg, train_dir = training_run(d)
-        label = "SFT" if train_cfg["cycles"] == 0 else f"StepAgent-{train_cfg['method'].capitalize()}"
         eval_cfg = json.loads((d / "config.json").read_text())
+        train_cfg, train_dir = training_run(eval_cfg, d)
+        label = "SFT" if train_cfg["cycles"] == 0 else f"StepAgent-{train_cfg['method'].capitalize()}"
         recs = {s: read_jsonl(d / "eval" / "final" / f"{s}.jsonl") for s in SPLITS}
         train_m, eval_m = read_jsonl(train_dir / "metrics.jsonl"), read_jsonl(d / "metrics.jsonl")
         sft_steps = sum(m.get("stage") == "sft" for m in train_m)
@@ -106,19 +110,17 @@ def main(argv: list[str] | None = None) -> None:
         setup = (f"{train_cfg['model'].split('/')[-1]}, --max-trajectories {train_cfg['max_trajectories']}, "
                  f"{sft_steps} SFT steps, {len(cycles)} cycles ({inspected} inspected steps), seed {train_cfg['seed']}")
         errors = sum(r["error"] is not None for s in SPLITS for r in recs[s])
-        rows.append(f"| {label} | {rate(sum(r['won'] for r in recs['valid_seen']), len(recs['valid_seen']))} | "
-                    f"{rate(sum(r['won'] for r in recs['valid_unseen']), len(recs['valid_unseen']))} | {setup} | "
+        rows.append(f"| {label} | {success(recs['valid_seen'])} | {success(recs['valid_unseen'])} | {setup} | "
                     f"{wall_minutes(train_dir, train_m):.0f} min train, {wall_minutes(d, eval_m, 'eval'):.0f} min eval "
                     f"({eval_cfg['max_steps']} turns, {errors} engine errors) | `{train_dir}`, `{d}` |")
         behave.append(behaviour_row(label, behaviour(recs["valid_seen"] + recs["valid_unseen"])))
         convergence.append(f"{label} (`{train_dir}/metrics.jsonl`):\n\n" + cycle_table(train_m))
     if args.expert:
         ex = {s: read_jsonl(args.expert / f"{s}.jsonl") for s in SPLITS}
-        won = {s: rate(sum(bool(r.get("won")) for r in ex[s]), len(ex[s])) for s in SPLITS}
         in20 = {s: rate(sum(bool(r.get("won")) and len(r.get("steps", [])) <= 20 for r in ex[s]), len(ex[s]))
                 for s in SPLITS}
-        rows.append(f"| expert replay (upper bound) | {won['valid_seen']} | {won['valid_unseen']} | ALFWorld's "
-                    f"hand-coded expert, grammar-fixed; won within 20 turns: {in20['valid_seen']} seen, "
+        rows.append(f"| expert replay (upper bound) | {success(ex['valid_seen'])} | {success(ex['valid_unseen'])} | "
+                    f"ALFWorld's hand-coded expert, grammar-fixed; won within 20 turns: {in20['valid_seen']} seen, "
                     f"{in20['valid_unseen']} unseen | cap 80 turns | `{args.expert}` |")
         behave.append(behaviour_row("expert replay", behaviour(ex["valid_seen"] + ex["valid_unseen"])))
     print("| method | seen | unseen | model, data, cycles, seed | wall time | raw logs |\n|---|---|---|---|---|---|")
