@@ -1,7 +1,7 @@
 """Expert trajectories for stepagent: loading, text conventions shared with the live environments, and tokenisation.
 
 Two input formats load into the same `Trajectory`: ETO conversation JSON (`train_planner.json`) and structured JSONL
-records (`train.jsonl`, written by `python data.py build-expert`). Usage: `python data.py stats FILE [--model M]`.
+records (`train.jsonl`, written by `python envs.py build-expert`). Usage: `python data.py stats FILE [--model M]`.
 """
 from __future__ import annotations
 
@@ -219,13 +219,13 @@ def default_expert_path(env: str) -> Path:
     """$ALFWORLD_DATA/expert/train_planner.json, else the shared copy beside the repo; other envs need --data."""
     if env != "alfworld":
         raise DataError(f"no default expert data for env '{env}': pass --data FILE (ETO-format JSON, or build one: "
-                        f"python data.py build-expert --env {env} --split train --out FILE)")
+                        f"python envs.py build-expert --env {env} --split train --out FILE)")
     root = os.environ.get("ALFWORLD_DATA") or Path(__file__).resolve().parent.parent / "shared" / "alfworld"
     path = Path(root) / "expert" / "train_planner.json"
     if not path.is_file():
         raise DataError(f"{path}: no such file: export ALFWORLD_DATA=/path/to/alfworld (the folder holding expert/"
                         "train_planner.json), or pass --data FILE (ETO's alfworld_sft.json, or one made by "
-                        "`python data.py build-expert --env alfworld --split train --out FILE --fix-expert-grammar`)")
+                        "`python envs.py build-expert --env alfworld --split train --out FILE --fix-expert-grammar`)")
     return path
 
 
@@ -339,33 +339,15 @@ def encode_dataset(tok, trajs: list[Trajectory], max_length: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`stats FILE [--model M]` summarises expert data; `build-expert` replays ALFWorld's expert (see envs.py)."""
+    """`stats FILE [--model M]` summarises expert data (`python envs.py build-expert` makes it from the engines)."""
     parser = argparse.ArgumentParser(description="stepagent expert data")
     sub = parser.add_subparsers(dest="command", required=True)
     stats = sub.add_parser("stats", help="trajectories, steps and (with --model) tokens of an expert file")
     stats.add_argument("file")
     stats.add_argument("--env", default="alfworld")
     stats.add_argument("--model", help="count tokens with this model's tokenizer")
-    build = sub.add_parser("build-expert", help="replay ALFWorld's hand-coded expert into a JSONL file")
-    build.add_argument("--env", default="alfworld")
-    build.add_argument("--split", default="train")
-    build.add_argument("--out", required=True)
-    build.add_argument("--data", help="ALFWorld data folder (default: $ALFWORLD_DATA)")
-    build.add_argument("--max-games", type=int)
-    build.add_argument("--workers", type=int, default=1, help="engine processes in parallel")
-    build.add_argument("--fix-expert-grammar", action="store_true",
-                       help="translate alfworld 0.4.2's 'move X to Y' to the games' 'put X in/on Y' (off: as train.jsonl)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "build-expert":
-            import envs  # only here: envs imports data, and data must stay cheap to import
-
-            try:
-                envs.build_expert(args.env, args.split, Path(args.out), data_dir=args.data, max_games=args.max_games,
-                                  workers=args.workers, fix_expert_grammar=args.fix_expert_grammar)
-            except envs.EnvError as e:
-                sys.exit(f"error: {e}")
-            return
         trajs = load_trajectories(args.file, args.env)
         n_steps = [len(t.steps) for t in trajs]
         print(f"{len(trajs)} trajectories, {sum(n_steps) / len(trajs):.1f} steps on average (max {max(n_steps)})")

@@ -861,3 +861,33 @@ def build_expert(env: str, split: str, out: str | Path, data_dir: str | Path | N
             for w in pool:
                 w.close()
     return counts
+
+
+# ============================================================================ CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python envs.py build-expert`: replay an environment's expert into a JSONL file of expert trajectories."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="stepagent environments")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build-expert", help="replay the expert (ALFWorld: hand-coded; ScienceWorld: gold path)")
+    build.add_argument("--env", default="alfworld")
+    build.add_argument("--split", default="train")
+    build.add_argument("--out", required=True)
+    build.add_argument("--data", help="ALFWorld data folder (default: $ALFWORLD_DATA)")
+    build.add_argument("--max-games", type=int)
+    build.add_argument("--workers", type=int, default=1, help="engine processes in parallel")
+    build.add_argument("--fix-expert-grammar", action="store_true", help="translate alfworld 0.4.2's 'move X to Y' "
+                       "to the games' 'put X in/on Y' (off: as train.jsonl)")
+    args = parser.parse_args(argv)
+    try:
+        build_expert(args.env, args.split, Path(args.out), data_dir=args.data, max_games=args.max_games,
+                     workers=args.workers, fix_expert_grammar=args.fix_expert_grammar)
+    except EnvError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -298,6 +298,20 @@ def test_cli_stats(tmp_path, capsys):
         data.main(["stats", str(tmp_path / "nope.json")])
 
 
+def test_data_imports_nothing_of_ours_and_build_expert_lives_in_envs(tmp_path):
+    """data.py depends on no module of ours (arrows point one way); `python envs.py build-expert` is the command."""
+    import ast
+    import subprocess
+
+    tree = ast.parse(Path(data.__file__).read_text())
+    imported = {n.names[0].name.split(".")[0] if isinstance(n, ast.Import) else (n.module or "").split(".")[0]
+                for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    assert not imported & {"envs", "stepagent"}
+    res = subprocess.run([sys.executable, "envs.py", "build-expert", "--env", "nope", "--out", str(tmp_path / "x")],
+                         cwd=Path(envs.__file__).parent, capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.strip() == "error: unknown env 'nope': expected one of " + \
+        ", ".join(envs.ENV_CLASSES)
+
 # ============================================================================= stepagent.py: losses, packing, loops, CLI
 
 EXPERT = Path(__file__).resolve().parent.parent / "shared" / "alfworld" / "expert" / "train_planner.json"

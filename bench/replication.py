@@ -4,7 +4,7 @@
 
 Each EVAL_DIR is a stepagent run that played a checkpoint in the real environment (`--model RUN/ckpt-N --epochs 0
 --cycles 0 --eval-games -1`); the checkpoint's training run (RUN, its parent directory) gives the method, the data
-and the per-cycle convergence metrics. --expert DIR holds `data.py build-expert` replays of the same splits
+and the per-cycle convergence metrics. --expert DIR holds `envs.py build-expert` replays of the same splits
 (`valid_seen.jsonl`, `valid_unseen.jsonl`), the upper bound. Prints three markdown tables; nothing is measured here.
 """
 from __future__ import annotations
