@@ -55,6 +55,9 @@ SYSTEM_PROMPTS = {
     "inventory, task. Reply with one action.",
     "webshop": "Shop online for the product the instruction asks for. Commands: search[query], click[button]. "
     "Reply with one action.",
+    "hotpotqa": "Answer a question that needs two Wikipedia paragraphs. Commands: search[title] shows the opening of "
+    "the paragraph with that title, lookup[keyword] shows the next sentence of that paragraph containing the keyword, "
+    "finish[answer] gives a short answer and ends. Reply with one action.",
 }
 
 
@@ -168,7 +171,7 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
         try:
             records = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+            raise DataError(f"{path}: line {e.lineno}, column {e.colno}: not JSON ({e.msg})") from None
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of trajectories, got {type(records).__name__}")
         return [(f"{path}: record {i}", rec) for i, rec in enumerate(records)]
@@ -178,7 +181,7 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
             try:
                 out.append((f"{path}: line {n}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n}: not JSON: {e.msg} at column {e.colno}") from None
+                raise DataError(f"{path}: line {n}, column {e.colno}: not JSON ({e.msg})") from None
     return out
 
 
@@ -216,7 +219,15 @@ def split_trajectories(trajs: list[Trajectory], val_fraction: float,
 
 
 def default_expert_path(env: str) -> Path:
-    """$ALFWORLD_DATA/expert/train_planner.json, else the shared copy beside the repo; other envs need --data."""
+    """$ALFWORLD_DATA/expert/train_planner.json, else the shared copy beside the repo; HotpotQA: the build-expert output
+    in the cache, made by an explicit command so a run never trains on data it built silently; others need --data."""
+    if env == "hotpotqa":
+        cache = Path(os.environ.get("STEPAGENT_CACHE") or Path.home() / ".cache" / "stepagent").expanduser()
+        path = cache / "hotpotqa" / "train_expert.jsonl"
+        if not path.is_file():
+            raise DataError(f"{path}: no such file: build it once with `python envs.py build-expert --env hotpotqa "
+                            f"--split train --out {path}` (a second, pure-Python), or pass --data FILE")
+        return path
     if env != "alfworld":
         raise DataError(f"no default expert data for env '{env}': pass --data FILE (ETO-format JSON, or build one: "
                         f"python envs.py build-expert --env {env} --split train --out FILE)")

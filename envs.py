@@ -1,5 +1,5 @@
-"""Text environments for stepagent: ALFWorld (TextWorld's PDDL engine), ScienceWorld, and a WebShop HTTP client,
-with batched evaluation and expert-trajectory builders.
+"""Text environments for stepagent: ALFWorld (TextWorld's PDDL engine), ScienceWorld, a WebShop HTTP client and an
+offline multi-hop QA world (HotpotQA, distractor setting), with batched evaluation and expert-trajectory builders.
 
 Every environment speaks one small protocol (`TextEnv`): `load(game)`, `reset() -> (observation, info)`,
 `step(action) -> (observation, reward, done, info)` with `info["won"]`, `close()`. Observations follow the training
@@ -7,11 +7,14 @@ data's conventions (data.strip_banner, data.clean_observation), so the policy se
 
 Games are named by strings: ALFWorld, a game file relative to the data folder
 ("json_2.1.1/valid_seen/<task>/<trial>/game.tw-pddl"); ScienceWorld, "<task name>:<variation>" ("boil:12");
-WebShop, a goal index ("2853"). `evaluate` and `build_expert` run each environment in a child process, so an engine
-that crashes or hangs costs one episode, never the run.
+WebShop, a goal index ("2853"); HotpotQA, "<type>:<_id>" ("bridge:5a8b57f25542995d1e6f1371"). `evaluate` and
+`build_expert` run each environment in a child process (HotpotQA's pure-Python expert excepted), so an engine that
+crashes or hangs costs one episode, never the run.
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import html
 import html.parser
@@ -22,12 +25,15 @@ import random
 import re
 import shutil
 import signal
+import string
 import tarfile
+import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 from multiprocessing.connection import wait as wait_conns
 from pathlib import Path
@@ -47,7 +53,9 @@ WEBSHOP_SPLITS = {"train": "ETO_webshop_train_indices.json", "test": "ETO_websho
                   "test_500": "ETO_webshop_test_indices_500.json"}
 # Turn caps. ALFWorld: 40 = ETO's harness (IPR uses 20); the number changes results, so report it with them.
 # ScienceWorld: ETO's per-task caps (ETO_sciworld_max_steps.json). WebShop: 15, ReAct's and ETO's choice.
-DEFAULT_MAX_STEPS = {"alfworld": 40, "sciworld": None, "webshop": 15}
+# HotpotQA: 7, ReAct's cap for HotpotQA (the expert needs 3-6).
+DEFAULT_MAX_STEPS = {"alfworld": 40, "sciworld": None, "webshop": 15, "hotpotqa": 7}
+RECORD_INFO = ("em", "gold_answer")  # info keys evaluate() copies into an episode's record where an env gives them
 
 
 class EnvError(RuntimeError):
@@ -94,7 +102,7 @@ def _import_alfworld():
 
 
 def alfworld_data_dir(path: str | Path | None = None) -> Path:
-    """--data flag, else $ALFWORLD_DATA, else ../shared/alfworld beside the repo."""
+    """--env-data flag, else $ALFWORLD_DATA, else ../shared/alfworld beside the repo."""
     env_dir = os.environ.get("ALFWORLD_DATA")
     if env_dir and Path(env_dir).expanduser() == Path.home() / ".cache" / "alfworld" and \
             not (Path(env_dir).expanduser() / "json_2.1.1").is_dir():
@@ -102,7 +110,7 @@ def alfworld_data_dir(path: str | Path | None = None) -> Path:
     root = Path(path or env_dir or REPO.parent / "shared" / "alfworld").expanduser()
     if not (root / "json_2.1.1").is_dir() and not (root / "train_games.tar.xz").is_file():
         raise EnvError(f"ALFWorld data not found in {root} (no json_2.1.1/): export ALFWORLD_DATA=/path/to/alfworld "
-                       "or pass --data DIR (pip install alfworld && alfworld-download fetches it)")
+                       "or pass --env-data DIR (pip install alfworld && alfworld-download fetches it)")
     return root
 
 
@@ -483,15 +491,284 @@ def _webshop_games(split: str) -> list[str]:
     return [str(i) for i in json.loads((splits_dir() / WEBSHOP_SPLITS[split]).read_text())]
 
 
+# ============================================================================ HotpotQA (offline, distractor setting)
+
+HOTPOTQA_SPLITS = ("train", "dev", "test")
+HOTPOTQA_FILE = "hotpot_distractor.json"
+# search[...] shows this many opening sentences. ReAct shows 5 of a whole Wikipedia page; a HotpotQA paragraph is only
+# a page's intro (4 sentences on average), so 5 would show nearly all of it and lookup would never be needed.
+SEARCH_SENTENCES = 3
+QA_ACTION = re.compile(r"(search|lookup|finish)\[(.*)\]", re.IGNORECASE)
+QA_INVALID = "Invalid action: reply with exactly one of search[entity], lookup[keyword], finish[answer]."
+QA_STOPWORDS = frozenset("what which where when whom whose with from that this these those than then there their they "
+                         "were have does also into about after before both same other many much more most".split())
+
+
+def hotpotqa_data_path(path: str | Path | None = None) -> Path:
+    """--env-data (the file or its folder), else $HOTPOTQA_DATA, else ../shared/qa beside the repo."""
+    p = Path(path or os.environ.get("HOTPOTQA_DATA") or REPO.parent / "shared" / "qa").expanduser()
+    p = p / HOTPOTQA_FILE if p.is_dir() else p
+    if not p.is_file():
+        raise EnvError(f"HotpotQA data not found at {p}: pass --env-data FILE_OR_DIR or export HOTPOTQA_DATA=... "
+                       f"(a HotpotQA distractor-setting JSON list such as ../shared/qa/{HOTPOTQA_FILE})")
+    return p
+
+
+@functools.lru_cache(maxsize=4)
+def _hotpotqa_records(path: str) -> dict[str, dict]:
+    """Questions by _id, checked once at load, so a malformed record fails here naming the file, record and field."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EnvError(f"{path}: not JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    if not isinstance(records, list):
+        raise EnvError(f"{path}: expected a JSON list of HotpotQA records, got {type(records).__name__}")
+    out = {}
+    for i, r in enumerate(records):
+        for name, typ in (("_id", str), ("question", str), ("answer", str), ("type", str), ("context", list),
+                          ("supporting_facts", list)):
+            if not isinstance(r, dict) or not isinstance(r.get(name), typ):
+                raise EnvError(f"{path}: record {i}: field '{name}': expected a {typ.__name__} (HotpotQA's schema)")
+        if not all(isinstance(c, list) and len(c) == 2 and isinstance(c[0], str) and isinstance(c[1], list)
+                   for c in r["context"]):
+            raise EnvError(f"{path}: record {i}: field 'context': expected [[title, [sentence, ...]], ...]")
+        out[r["_id"]] = r
+    return out
+
+
+def hotpotqa_split(qid: str) -> str:
+    """../shared/qa/README.md's split: sha256(_id) mod 100 < 80 train, < 90 dev, else test (stable as data grows)."""
+    b = int(hashlib.sha256(qid.encode("utf-8")).hexdigest(), 16) % 100
+    return "train" if b < 80 else ("dev" if b < 90 else "test")
+
+
+def _hotpotqa_games(split: str, data_dir: str | Path | None = None) -> list[str]:
+    """Questions of a split as "type:_id" (the type names the task type, as ScienceWorld's "task:variation"), in
+    file order."""
+    if split not in HOTPOTQA_SPLITS:
+        raise EnvError(f"unknown HotpotQA split '{split}': expected one of {', '.join(HOTPOTQA_SPLITS)}")
+    records = _hotpotqa_records(str(hotpotqa_data_path(data_dir)))
+    return [f"{r['type']}:{qid}" for qid, r in records.items() if hotpotqa_split(qid) == split]
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD/HotpotQA answer normalisation: lower case, no punctuation, no articles, single spaces
+    (hotpot_evaluate_v1.py's normalize_answer)."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def answer_scores(prediction: str, gold: str) -> tuple[float, float]:
+    """(EM, token F1) as hotpot_evaluate_v1.py: a yes/no/noanswer on either side scores F1 only if both agree."""
+    pred, ref = normalize_answer(prediction), normalize_answer(gold)
+    em = float(pred == ref)
+    if (pred in ("yes", "no", "noanswer") or ref in ("yes", "no", "noanswer")) and pred != ref:
+        return em, 0.0
+    common = Counter(pred.split()) & Counter(ref.split())
+    same = sum(common.values())
+    if same == 0:
+        return em, 0.0
+    precision, recall = same / len(pred.split()), same / len(ref.split())
+    return em, 2 * precision * recall / (precision + recall)
+
+
+def _title_key(text: str) -> str:
+    """A title for loose matching: accents, case, punctuation and spacing dropped ("Édgar Ramírez": "edgar ramirez")."""
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
+
+
+class HotpotQAEnv:
+    """One HotpotQA question in the closed world of its own ~10 paragraphs, with ReAct's grammar: search[entity]
+    opens the best-matching paragraph (exact title, then normalised, then fuzzy), lookup[keyword] shows its next
+    sentence containing the keyword, finish[answer] ends with reward = answer F1 and info em; won = EM 1."""
+
+    def __init__(self, max_steps: int | None = None, data_dir: str | Path | None = None):
+        self.path = hotpotqa_data_path(data_dir)
+        self.records = _hotpotqa_records(str(self.path))
+        self.max_steps = max_steps or DEFAULT_MAX_STEPS["hotpotqa"]
+        self.game, self.rec, self.steps = "", None, 0
+
+    def load(self, game: str) -> None:
+        qid = game.rpartition(":")[2]
+        if qid not in self.records:
+            raise EnvError(f"HotpotQA question '{game}' is not in {self.path}: names come from "
+                           "envs.list_games('hotpotqa', split), e.g. 'bridge:<_id>'")
+        self.game, self.rec = game, self.records[qid]
+        self.task_type, self.paragraphs = self.rec["type"], {title: sents for title, sents in self.rec["context"]}
+
+    def _info(self, raw: str, em: float = 0.0, f1: float = 0.0) -> dict:
+        return {"won": em == 1.0, "game": self.game, "task_type": self.task_type, "raw_observation": raw, "em": em,
+                "f1": f1, "gold_answer": self.rec["answer"]}
+
+    def reset(self) -> tuple[str, dict]:
+        if self.rec is None:
+            raise EnvError("HotpotQAEnv.reset() before load(game)")
+        self.steps, self.page, self.found = 0, None, None  # found: [keyword, matching sentences, next one to show]
+        # The titles are listed, as ALFWorld lists the receptacles: this closed world's search cannot be guessed
+        # blindly (README, "Multi-hop QA").
+        obs = f"Question: {self.rec['question']}\nParagraphs: {' | '.join(self.paragraphs)}"
+        return obs, self._info(obs)
+
+    def match(self, entity: str) -> str | None:
+        """The paragraph a search opens: the exact title, else one equal after _title_key, else the closest by
+        difflib's ratio (>= 0.6, its default cutoff), else None."""
+        if entity in self.paragraphs:
+            return entity
+        keys = {}
+        for title in self.paragraphs:
+            keys.setdefault(_title_key(title), title)
+        close = difflib.get_close_matches(_title_key(entity), list(keys), n=1, cutoff=0.6)
+        return keys.get(_title_key(entity)) or (keys[close[0]] if close else None)
+
+    def _search(self, entity: str) -> str:
+        title = self.match(entity)
+        if title is None:
+            key = _title_key(entity)
+            similar = sorted(self.paragraphs, key=lambda t: -difflib.SequenceMatcher(None, key, _title_key(t)).ratio())
+            return f"Could not find {entity}. Similar: {similar[:5]}."
+        self.page, self.found = title, None
+        return f"{title}: {''.join(self.paragraphs[title][:SEARCH_SENTENCES]).strip()}"
+
+    def _lookup(self, keyword: str) -> str:
+        if self.page is None:
+            return "No paragraph is open: search[entity] first."
+        if self.found is None or self.found[0] != keyword.casefold():  # a new keyword starts from the top (ReAct)
+            hits = [s.strip() for s in self.paragraphs[self.page] if keyword.casefold() in s.casefold()]
+            self.found = [keyword.casefold(), hits, 0]
+        _, hits, i = self.found
+        if i >= len(hits):
+            return f"No more results for {keyword} in {self.page}."
+        self.found[2] += 1
+        return f"(Result {i + 1} / {len(hits)}) {hits[i]}"
+
+    def step(self, action: str) -> tuple[str, float, bool, dict]:
+        self.steps += 1
+        m = QA_ACTION.fullmatch(action.strip())
+        verb, arg = (m.group(1).lower(), m.group(2).strip()) if m else ("", "")
+        if verb == "finish":
+            em, f1 = answer_scores(arg, self.rec["answer"])
+            obs = f"Episode finished: F1 {f1:.2f}, EM {em:.0f}."
+            return obs, f1, True, self._info(obs, em, f1)
+        obs = self._search(arg) if verb == "search" and arg else self._lookup(arg) if verb == "lookup" and arg \
+            else QA_INVALID
+        return obs, 0.0, self.steps >= self.max_steps, self._info(obs)
+
+    def close(self) -> None:
+        pass
+
+
+def _strip_parenthetical(title: str) -> str:
+    return re.sub(r"\s*\([^)]*\)$", "", title)
+
+
+def _lookup_actions(sentences: list[str], targets: list[int], keywords: list[str]) -> list[str] | None:
+    """lookup[...] actions that show every target sentence past the opening ones: per target, the first keyword that
+    reaches it in the fewest lookups (a repeated keyword continues where it stopped); None if one is unreachable."""
+    actions, last, shown = [], "", 0
+    for t in sorted(i for i in set(targets) if i >= SEARCH_SENTENCES):
+        best = None
+        for kw in keywords:
+            hits = [i for i, s in enumerate(sentences) if kw.casefold() in s.casefold()]
+            start = shown if kw.casefold() == last else 0
+            if t in hits[start:] and (best is None or hits.index(t) + 1 - start < best[1]):
+                best = (kw, hits.index(t) + 1 - start)
+        if best is None:
+            return None
+        actions += [f"lookup[{best[0]}]"] * best[1]
+        shown = (shown if best[0].casefold() == last else 0) + best[1]
+        last = best[0].casefold()
+    return actions
+
+
+def hotpotqa_expert_actions(rec: dict) -> tuple[list[str], str]:
+    """The annotation-built expert's actions, or ([], why not). Bridge: search the first-hop paragraph (the gold one
+    without the answer; if both or neither hold it, the one that names the other), lookups for supporting sentences
+    past the opening, search the second hop, its lookups, finish. Comparison: search both, lookups, finish."""
+    paragraphs = {title: sents for title, sents in rec["context"]}
+    gold = list(dict.fromkeys(title for title, _ in rec["supporting_facts"]))
+    if len(gold) != 2 or any(t not in paragraphs for t in gold):
+        return [], f"{len(gold)} supporting paragraphs (the expert plays exactly 2)"
+    if rec["type"] == "bridge":  # each test says "gold[k] is the first hop"; the first that tells them apart decides
+        answer, question = normalize_answer(rec["answer"]), _title_key(rec["question"])
+        tests = [[answer not in normalize_answer("".join(paragraphs[t])) for t in gold],
+                 [_title_key(_strip_parenthetical(t)) != _title_key(rec["answer"]) for t in gold],
+                 [_title_key(_strip_parenthetical(gold[1 - k])) in _title_key("".join(paragraphs[gold[k]]))
+                  for k in range(2)],
+                 [_title_key(_strip_parenthetical(t)) in question for t in gold]]
+        first = next((k for test in tests if test[0] != test[1] for k in range(2) if test[k]), None)
+        if first is None:
+            return [], "bridge hop order unclear (answer, title, mentions and question do not tell the hops apart)"
+        gold = [gold[first], gold[1 - first]]
+    words = sorted({w for w in re.findall(r"[^\W\d_][\w'-]{3,}", rec["question"]) if w.lower() not in QA_STOPWORDS},
+                   key=lambda w: (-len(w), w))
+    actions = []
+    for k, title in enumerate(gold):
+        bridge = [gold[1], _strip_parenthetical(gold[1])] if k == 0 and rec["type"] == "bridge" else []
+        targets = [i for t, i in rec["supporting_facts"] if t == title]
+        lookups = _lookup_actions(paragraphs[title], targets, list(dict.fromkeys(bridge + words)))
+        if lookups is None:
+            return [], "a supporting sentence past the opening has no bridge or question word to look it up by"
+        actions += [f"search[{title}]", *lookups]
+    return actions + [f"finish[{rec['answer']}]"], ""
+
+
+def build_hotpotqa_expert(split: str, out: str | Path, data_dir: str | Path | None = None,
+                          max_games: int | None = None, max_steps: int | None = None) -> dict:
+    """Expert trajectories from HotpotQA's supporting facts, no LLM: each plan (hotpotqa_expert_actions) is replayed
+    in HotpotQAEnv and kept only at EM = 1 with the answer shown on the way (yes/no excepted), so the policy is never
+    taught an answer it could not read. Writes structured JSONL (data.py reads it); returns kept/dropped counts."""
+    env = HotpotQAEnv(max_steps=max_steps, data_dir=data_dir)
+    games = _hotpotqa_games(split, data_dir)[:max_games]
+    kept, dropped = [], Counter()
+    for game in tqdm(games, desc=f"expert hotpotqa/{split}"):
+        env.load(game)
+        actions, why = hotpotqa_expert_actions(env.rec)
+        if len(actions) > env.max_steps:
+            why = f"plan longer than the step cap ({env.max_steps})"
+        if why:
+            dropped[why] += 1
+            continue
+        first, info = env.reset()
+        steps, done = [], False
+        for action in actions:
+            obs, _, done, info = env.step(action)
+            steps.append({"action": action, "observation": obs})
+        read = normalize_answer(" ".join(s["observation"] for s in steps[:-1]))
+        answer = normalize_answer(env.rec["answer"])
+        if not (done and info["em"] == 1.0):
+            dropped["EM < 1 on replay"] += 1
+        elif answer not in ("yes", "no") and f" {answer} " not in f" {read} ":
+            dropped["answer not in any observation the expert read"] += 1
+        else:
+            kept.append({"id": env.rec["_id"], "game_file": game, "task_type": env.task_type,
+                         "initial_observation": first,
+                         "steps": steps, "won": True, "em": info["em"], "f1": info["f1"]})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic = out.with_name(out.name + ".tmp")
+    atomic.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(atomic, out)
+    print(f"{out}: kept {len(kept)} of {len(games)} {split} questions (EM 1 on replay); dropped {sum(dropped.values())}"
+          + "".join(f"\n  {n:4d}  {why}" for why, n in dropped.most_common()))
+    lookups = sum(any(s["action"].startswith("lookup[") for s in r["steps"]) for r in kept)
+    print(f"  kept: {dict(Counter(r['task_type'] for r in kept))}, {lookups} with a lookup")
+    return {"done": len(games), "won": len(kept), "errors": 0, "kept": len(kept), "dropped": dict(dropped)}
+
+
 # ============================================================================ registry
 
-ENV_CLASSES: dict[str, type] = {"alfworld": AlfWorldEnv, "sciworld": SciWorldEnv, "webshop": WebShopEnv}
+ENV_CLASSES: dict[str, type] = {"alfworld": AlfWorldEnv, "sciworld": SciWorldEnv, "webshop": WebShopEnv,
+                                 "hotpotqa": HotpotQAEnv}
 
 
 def task_type(env: str, game: str) -> str:
-    """The per-type key of results: ALFWorld's 6 task types, ScienceWorld's task names, "webshop"."""
+    """The per-type key of results: ALFWorld's 6 task types, ScienceWorld's task names, "webshop", HotpotQA's
+    bridge / comparison."""
     if env == "alfworld":
         return alfworld_task_type(game)
+    if env == "hotpotqa":
+        return game.rpartition(":")[0] or "hotpotqa"
     return _parse_sciworld_game(game)[0] if env == "sciworld" else "webshop"
 
 
@@ -501,10 +778,13 @@ def _check_env(env: str) -> None:
 
 
 def list_games(env: str, split: str, data_dir: str | Path | None = None) -> list[str]:
-    """The games of a split, in a fixed order: ALFWorld's solvable games sorted; ETO's lists for the others."""
+    """The games of a split, in a fixed order: ALFWorld's solvable games sorted; HotpotQA's questions by the _id hash
+    in file order; ETO's lists for the others."""
     _check_env(env)
     if env == "alfworld":
         return _alfworld_games(split, data_dir)
+    if env == "hotpotqa":
+        return _hotpotqa_games(split, data_dir)
     return _sciworld_games(split) if env == "sciworld" else _webshop_games(split)
 
 
@@ -512,13 +792,15 @@ def _env_kwargs(env: str, max_steps: int | None, data_dir: str | Path | None, **
     kw = {"max_steps": max_steps, **kw}
     if env == "alfworld":
         kw["data_dir"] = str(alfworld_data_dir(data_dir))  # resolved here: children inherit no surprises
+    elif env == "hotpotqa":
+        kw["data_dir"] = str(hotpotqa_data_path(data_dir))
     elif env == "webshop" and data_dir:
         kw["url"] = str(data_dir)
     return kw
 
 
 def make_env(env: str, game: str, max_steps: int | None = None, **kw) -> TextEnv:
-    """An environment with `game` loaded, in this process (call reset() to start). kw: data_dir (ALFWorld),
+    """An environment with `game` loaded, in this process (call reset() to start). kw: data_dir (ALFWorld, HotpotQA),
     expert=True (info["expert_plan"]: hand-coded expert / ScienceWorld gold path), url (WebShop)."""
     _check_env(env)
     obj = ENV_CLASSES[env](max_steps=max_steps, **kw)
@@ -545,8 +827,29 @@ def _play_expert(obj, game: str) -> dict:
     return rec
 
 
-def _serve(conn, env: str, kw: dict) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this engine process when the evaluating process dies, whatever the signal (SIGKILL included).
+
+    A pipe alone does not tell us: every later-forked sibling holds a copy of our parent's end, so recv() never sees
+    EOF. Linux: the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); elsewhere a thread polls.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: watch the parent id instead
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _serve(conn, env: str, kw: dict, parent: int) -> None:
     """Child-process loop: one env object; commands in, ("ok", result) or ("error", message) out."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it closes us in order
     obj = None
     try:
@@ -584,7 +887,7 @@ class _Worker:
     def __init__(self, env: str, kw: dict):
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, env, kw), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, env, kw, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
         self.deadline, self.crashed, self.games = 0.0, "", 0
@@ -658,13 +961,27 @@ def _read_jsonl(path: Path, key: str) -> dict[str, dict]:
     return records
 
 
+def _open_appending(path: Path):
+    """Open a JSONL log to append to; a torn last line (killed mid-write) is cut first, or the next record would
+    be glued onto it and never read back."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+    return open(path, "a")
+
+
 def summarize(records: list[dict], env: str = "", split: str = "", max_steps: int | None = None) -> dict:
-    """Success rate (engine's won) overall and per task type, mean reward, and how many episodes hit an error."""
+    """Success rate (engine's won) overall and per task type, mean reward (HotpotQA: F1), mean EM where the records
+    have it (HotpotQA), and how many episodes hit an error."""
     def rate(recs):
         return sum(r["won"] for r in recs) / len(recs) if recs else 0.0
     types = sorted({r["task_type"] for r in records})
+    em = {"em": sum(r.get("em", 0.0) for r in records) / len(records)} if any("em" in r for r in records) else {}
     return {"env": env, "split": split, "max_steps": max_steps, "n": len(records), "success": rate(records),
-            "reward": sum(r["reward"] for r in records) / len(records) if records else 0.0,
+            "reward": sum(r["reward"] for r in records) / len(records) if records else 0.0, **em,
             "errors": sum(r["error"] is not None for r in records),
             "per_task_type": {t: {"n": sum(r["task_type"] == t for r in records),
                                   "success": rate([r for r in records if r["task_type"] == t])} for t in types}}
@@ -733,13 +1050,13 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
     episodes: list[dict | None] = [None] * n_slots
     won = [sum(r["won"] for r in done.values())]
 
-    with open(out_jsonl, "a") as f, tqdm(total=len(games), initial=len(done), desc=f"eval {env}/{split}") as bar:
+    with _open_appending(out_jsonl) as f, tqdm(total=len(games), initial=len(done), desc=f"eval {env}/{split}") as bar:
         def finish(i: int, error: str | None = None) -> None:
             ep = episodes[i]
             rec = {"game": ep["game"], "task_type": ep["task_type"], "steps": len(ep["transcript"]),
                    "won": bool(ep["won"]) and error is None, "reward": ep["reward"], "error": error,
                    "max_steps": max_steps, "seconds": round(time.monotonic() - ep["t0"], 2), "task": ep["task"],
-                   "transcript": ep["transcript"]}
+                   "transcript": ep["transcript"], **ep.get("extra", {})}
             f.write(json.dumps(rec) + "\n")
             f.flush()
             done[ep["game"]], episodes[i] = rec, None
@@ -795,12 +1112,14 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
                     ep["transcript"].append({"reply": ep["reply"], "action": ep["action"], "observation": obs})
                     ep["history"].steps.append(Step(ep["action"], obs, _thought(ep["reply"])))
                     ep["won"], ep["reward"] = info["won"], reward
+                    ep["extra"] = {k: info[k] for k in RECORD_INFO if k in info}
                     if ep_done:
                         finish(i)
         finally:
             for w in workers:
                 if w is not None:
                     w.close()
+    done = _read_jsonl(out_jsonl, "game")  # the summary counts what the file holds
     return summarize([done[g] for g in games if g in done], env, split, max_steps)
 
 
@@ -818,6 +1137,8 @@ def build_expert(env: str, split: str, out: str | Path, data_dir: str | Path | N
     _check_env(env)
     if env == "webshop":
         raise EnvError("no WebShop expert here: WebShop's human demonstrations come with the WebShop repository")
+    if env == "hotpotqa":  # pure Python and fast: no child processes, no resume
+        return build_hotpotqa_expert(split, out, data_dir, max_games, max_steps)
     games = (games or list_games(env, split, data_dir))[:max_games]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -831,7 +1152,7 @@ def build_expert(env: str, split: str, out: str | Path, data_dir: str | Path | N
     busy: dict[int, str] = {}
     counts = {"done": len(games) - len(todo), "won": sum(bool(r.get("won")) for g, r in have.items() if g in games),
               "errors": 0}
-    with open(out, "a") as f, tqdm(total=len(games), initial=counts["done"], desc=f"expert {env}/{split}") as bar:
+    with _open_appending(out) as f, tqdm(total=len(games), initial=counts["done"], desc=f"expert {env}/{split}") as bar:
         try:
             while todo or busy:
                 for i in range(len(pool)):
@@ -872,18 +1193,20 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="stepagent environments")
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build-expert", help="replay the expert (ALFWorld: hand-coded; ScienceWorld: gold path)")
+    build = sub.add_parser("build-expert", help="replay the expert (ALFWorld: hand-coded; ScienceWorld: gold path; "
+                           "HotpotQA: built from the supporting facts)")
     build.add_argument("--env", default="alfworld")
     build.add_argument("--split", default="train")
     build.add_argument("--out", required=True)
-    build.add_argument("--data", help="ALFWorld data folder (default: $ALFWORLD_DATA)")
+    build.add_argument("--env-data", help="ALFWorld data folder (default: $ALFWORLD_DATA); HotpotQA: the JSON file "
+                       "or its folder (default: $HOTPOTQA_DATA, else ../shared/qa)")
     build.add_argument("--max-games", type=int)
     build.add_argument("--workers", type=int, default=1, help="engine processes in parallel")
     build.add_argument("--fix-expert-grammar", action="store_true", help="translate alfworld 0.4.2's 'move X to Y' "
                        "to the games' 'put X in/on Y' (off: as train.jsonl)")
     args = parser.parse_args(argv)
     try:
-        build_expert(args.env, args.split, Path(args.out), data_dir=args.data, max_games=args.max_games,
+        build_expert(args.env, args.split, Path(args.out), data_dir=args.env_data, max_games=args.max_games,
                      workers=args.workers, fix_expert_grammar=args.fix_expert_grammar)
     except EnvError as e:
         raise SystemExit(f"error: {e}") from None

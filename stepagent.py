@@ -63,7 +63,7 @@ import envs
 @dataclass
 class Config:
     # --- run
-    env: str = "alfworld"  # alfworld | sciworld | webshop
+    env: str = "alfworld"  # alfworld | sciworld | webshop | hotpotqa
     method: str = "implicit"  # reflection strategy: implicit (step-level DPO) | inverse (discriminator reward + PPO)
     preset: str = "small"  # small (CPU, minutes) | paper (7-8B, GPU) | none; applied before your flags
     out: str = "runs/stepagent"  # run directory: config.json, metrics.jsonl, checkpoints, eval logs
@@ -71,7 +71,7 @@ class Config:
     resume: bool = False  # continue from the newest complete checkpoint in --out
     # --- model
     model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # HF id or local dir; the default works offline (embedded)
-    attn: str = "sdpa"  # attention kernel: sdpa | eager | flash_attention_2 (ignores 4-D masks: --packing pairs)
+    attn: str = "sdpa"  # sdpa | eager | flex_attention (block-sparse tree masks; CUDA) | flash_attention_2 (pairs)
     dtype: str = "auto"  # auto (CUDA: bf16, else fp16+GradScaler; CPU: fp32) | fp32 | bf16 | fp16
     # --- data
     data: str = ""  # expert trajectories (.json ETO or .jsonl); default $ALFWORLD_DATA/expert/train_planner.json
@@ -97,6 +97,7 @@ class Config:
     max_new_tokens: int = 48  # per generated action
     gen_batch_size: int = 8  # prefixes per generate call
     packing: str = "tree"  # tree: one forward per trajectory + agent branches (4-D mask) | pairs: prompt+action rows
+    tokens_per_batch: int = 0  # >0: micro-batches are rows of whole trees up to N tokens, not padded batch-size rows
     reflect_lr: float = 1e-6
     reflect_epochs: int = 1  # passes over the cycle's pairs (implicit) / PPO batches (inverse)
     reflect_batch: int = 4  # trajectories per reflection optimizer step
@@ -120,22 +121,25 @@ class Config:
     eval_batch: int = 8  # environments played in parallel
     eval_cache: bool = True  # keep each episode's KV cache across turns (--no-eval-cache: re-encode every turn)
     eval_every: int = 0  # also evaluate after every N cycles (0 = only at the end)
-    max_steps: int = 0  # turns per episode (0 = the env's: ALFWorld 40 as ETO, IPR 20; ScienceWorld ETO's per task)
-    env_data: str = ""  # environment data dir (default $ALFWORLD_DATA, else ../shared/alfworld)
+    max_steps: int = 0  # turns per episode (0 = env's: ALFWorld 40 as ETO, IPR 20; ScienceWorld ETO's per task; QA 7)
+    env_data: str = ""  # env data (default: $ALFWORLD_DATA or ../shared/alfworld; QA: $HOTPOTQA_DATA or ../shared/qa)
     # --- system
     deterministic: bool = False  # torch.use_deterministic_algorithms(True): bitwise-repeatable kernels, slower
+    compile: bool = False  # torch.compile the training forwards (dynamic shapes); off until a GPU bench shows it pays
 
     def __post_init__(self):
         checks = [("method", self.method in ("implicit", "inverse"), "implicit or inverse"),
                   ("packing", self.packing in ("tree", "pairs"), "tree or pairs"),
                   ("dtype", self.dtype in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
-                  ("attn", self.attn in ("sdpa", "eager", "flash_attention_2"), "sdpa, eager or flash_attention_2"),
+                  ("attn", self.attn in ATTN, ", ".join(ATTN)),
+                  ("tokens-per-batch", self.tokens_per_batch >= 0, ">= 0"),
                   ("on-too-long", self.on_too_long in ("skip", "truncate"), "skip or truncate"),
                   ("baseline", self.baseline in ("auto", "group", "value"), "auto, group or value"),
                   ("beta", self.beta > 0, "> 0"), ("samples-per-step", self.samples_per_step >= 1, ">= 1"),
                   ("grad-accum", self.grad_accum >= 1, ">= 1"), ("batch-size", self.batch_size >= 1, ">= 1"),
                   ("val-fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
                   ("max-length", self.max_length >= 16, ">= 16"),
+                  ("eval-games", self.eval_games >= -1, "-1 (all), 0 (none) or a positive count"),
                   ("baseline", not (self.baseline == "group" and self.samples_per_step < 2), "value when K = 1")]
         checks.append(("env", self.env in EVAL_SPLITS, " or ".join(EVAL_SPLITS)))
         self.eval_splits = self.eval_splits or EVAL_SPLITS.get(self.env, "")
@@ -144,7 +148,9 @@ class Config:
                 raise SystemExit(f"error: --{flag}={getattr(self, flag.replace('-', '_'))!r}: expected {expected}")
 
 
-EVAL_SPLITS = {"alfworld": "valid_seen,valid_unseen", "sciworld": "dev,test", "webshop": "test"}  # ETO's seen/unseen
+ATTN = ("sdpa", "eager", "flex_attention", "flash_attention_2")  # --attn choices
+# ETO's seen/unseen splits; HotpotQA: the _id-hash split of ../shared/qa/README.md
+EVAL_SPLITS = {"alfworld": "valid_seen,valid_unseen", "sciworld": "dev,test", "webshop": "test", "hotpotqa": "dev,test"}
 PRESETS: dict[str, dict] = {
     # Finishes SFT, 2 cycles and a short evaluation on a 2-core CPU with the embedded 135M model.
     "small": dict(max_trajectories=40, val_fraction=0.2, max_length=1024, epochs=1, lr=5e-5, grad_accum=4,
@@ -204,7 +210,8 @@ class Runtime:
     rank: int = 0
     world: int = 1
     scaler: torch.amp.GradScaler | None = None
-    ddp: nn.Module | None = None  # the policy's DistributedDataParallel wrapper, made once (world > 1)
+    ddp: nn.Module | None = None  # the policy's DDP (world > 1) and/or torch.compile wrapper, made once
+    compile: bool = False  # --compile: training forwards go through torch.compile
 
     @property
     def is_main(self) -> bool:
@@ -230,10 +237,12 @@ def setup_runtime(cfg: Config) -> Runtime:
         want = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if want in ("bf16", "fp16") and not cuda:
         raise SystemExit(f"error: --dtype {want} needs CUDA; on CPU use --dtype fp32 (CPU bf16 autocast is 15x slower)")
+    if cfg.attn == "flex_attention" and not cuda:  # torch 2.13: "FlexAttention does not support backward on CPU"
+        raise SystemExit("error: --attn flex_attention trains on CUDA only (no CPU backward in PyTorch); use sdpa")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[want]
     # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    rt = Runtime(device, dtype, rank, world, scaler)
+    rt = Runtime(device, dtype, rank, world, scaler, compile=cfg.compile)
     why = "CUDA autocast" if cuda and dtype != torch.float32 else "no autocast"
     print0(rt, f"device {device}, precision {want} ({why}), world size {world}")
     seed_everything(cfg.seed + rank)
@@ -259,15 +268,25 @@ def derived_seed(*parts) -> int:
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:8], 16)
 
 
+def adamw(params: list, rt: Runtime, **kw) -> torch.optim.AdamW:
+    """AdamW; on CUDA its fused kernel (one launch for all parameters instead of a loop over them)."""
+    return torch.optim.AdamW(params, fused=rt.device.type == "cuda", **kw)
+
+
+def floats(stats: dict) -> dict:
+    """Scalar tensors to floats in one host sync: an .item() each would stall the GPU once per value."""
+    return dict(zip(stats, torch.stack([torch.as_tensor(v).float() for v in stats.values()]).tolist())) if stats else {}
+
+
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, rt: Runtime, params: list, max_norm: float,
-                   sched=None, accumulate: bool = False) -> float | None:
+                   sched=None, accumulate: bool = False) -> torch.Tensor | None:
     """The one update path of SFT, L_imp, L_D and PPO: scale -> backward -> (unscale -> clip -> step -> zero)."""
     (rt.scaler.scale(loss) if rt.scaler else loss).backward()
     if accumulate:
         return None
     if rt.scaler:
         rt.scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.tensor(0.0)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.zeros((), device=rt.device)
     if rt.scaler:
         rt.scaler.step(opt)
         rt.scaler.update()
@@ -276,7 +295,7 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, rt: Runtime, 
     opt.zero_grad(set_to_none=True)
     if sched is not None:
         sched.step()
-    return float(norm)
+    return norm.detach()
 
 
 # ============================================================================ 3. Policy π_θ and step log-probs
@@ -338,13 +357,49 @@ def embedded_checkpoint() -> Path:
     return cache
 
 
-def attention_bias(model, allow: torch.Tensor) -> torch.Tensor:
-    """A (B, 1, Q, K) mask in the form each kernel reads: sdpa takes booleans, eager an additive float mask."""
-    model = getattr(model, "module", model)  # DDP wraps the model
-    if model.config._attn_implementation == "sdpa":
-        return allow
-    dtype = next(model.parameters()).dtype
-    return torch.zeros(allow.shape, dtype=dtype, device=allow.device).masked_fill(~allow, torch.finfo(dtype).min)
+# ---------------------------------------------------------------------------- packing: many actions per forward (speed)
+
+
+def layer_windows(model) -> dict[str, int | None] | None:
+    """{layer type: sliding window in positions, None = full} of the model's attention layers; None if the tree mask
+    cannot express them. Mistral/Phi3 leave layer_types unset and slide every layer when sliding_window is set."""
+    c = getattr(model, "module", model).config
+    window = c.sliding_window if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True) else None
+    kinds = set(getattr(c, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+    return {k: window if k == "sliding_attention" else None for k in kinds} \
+        if kinds <= {"full_attention", "sliding_attention"} else None
+
+
+def tree_mask(model, packed: dict):
+    """The tree/document mask in the form the kernel reads: sdpa a boolean (B, 1, Q, Q), eager an additive float mask,
+    flex_attention a block-sparse BlockMask; one per layer type as a {type: mask} dict when full and sliding layers
+    alternate (Gemma 2/3: transformers takes such a dict, see models/gemma2/modeling_gemma2.py causal_mask_mapping)."""
+    model, windows = getattr(model, "module", model), layer_windows(model)  # DDP wraps the model
+    if windows is None:
+        raise ValueError(f"--packing tree: layer types {set(model.config.layer_types)} need --packing pairs")
+    seg, parent, root, pos = packed["seg"], packed["parent"], packed["root"], packed["position_ids"]
+    B, Q = pos.shape
+
+    def allowed(b, h, q, k, window=None):  # pytorch.org/blog/flexattention: a document mask as a mask_mod
+        on_trunk = (seg[b, k] == parent[b, q]) & (pos[b, k] < root[b, q])  # a branch sees its prefix h_t
+        ok = (pos[b, k] <= pos[b, q]) & ((seg[b, k] == seg[b, q]) | on_trunk)
+        return ok & (pos[b, q] - pos[b, k] < window) if window else ok  # window in positions, as HF's q - kv < W
+
+    masks, impl = {}, model.config._attn_implementation
+    for kind, window in windows.items():
+        if impl == "flex_attention":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            mod = lambda b, h, q, k, w=window: allowed(b, h, q, k, w)  # noqa: E731
+            masks[kind] = create_block_mask(mod, B, None, Q, Q, device=pos.device)
+            continue
+        i = torch.arange(Q, device=pos.device)
+        masks[kind] = allowed(torch.arange(B, device=pos.device)[:, None, None, None], None, i[:, None], i, window)
+        if impl != "sdpa":  # eager adds the mask to the scores
+            dtype = next(model.parameters()).dtype
+            masks[kind] = torch.zeros((B, 1, Q, Q), dtype=dtype, device=pos.device).masked_fill(~masks[kind],
+                                                                                                torch.finfo(dtype).min)
+    return masks.popitem()[1] if len(masks) == 1 else masks
 
 
 @dataclass
@@ -354,45 +409,46 @@ class Branch:
     ids: list[int]
 
 
-def pack_tree(encs: list, expert_steps: list[list[int]], branches: list[list[Branch]], device) -> dict:
-    """One-pass layout: each row is a trajectory followed by its agent branches; a branch attends to h_t and itself.
+def pack_tree(encs: list, expert_steps: list[list[int]], branches: list[list[Branch]], device,
+              one_row: bool = False) -> dict:
+    """One-pass layout: a trajectory followed by its agent branches; a branch attends to h_t and itself. one_row puts
+    all trajectories in one row (token-budget packing: documents masked from each other, no padding).
 
-    Returns ids, positions and a (B, 1, Q, Q) allow-mask (a plain 2-D mask when there are no branches), plus for every
-    action (expert spans first, then branches, row by row) the (row, predictor position, target id, action index,
-    own position) of each of its tokens: log π(a|h) = Σ log p(target | predictor).
+    Returns ids, positions and per token its segment (a trunk or a branch), the trunk a branch hangs off and the
+    branch's |h_t|, from which tree_mask builds the mask (a plain 2-D mask for one trajectory per row and no branches);
+    plus for every action (expert spans first, then branches, trajectory by trajectory) the (row, predictor position,
+    target id, action index, own position) of each of its tokens: log π(a|h) = Σ log p(target | predictor).
     """
-    rows, preds, n_actions = [], [], 0
-    for b, (enc, steps, brs) in enumerate(zip(encs, expert_steps, branches)):
+    rows, preds, n_actions = [], [], 0  # a row: its segments (ids, first position, trunk segment, |h_t|)
+    for enc, steps, brs in zip(encs, expert_steps, branches):
+        if not rows or not one_row:
+            rows.append([])
+        segs, b = rows[-1], len(rows) - 1
+        o, trunk = sum(len(s[0]) for s in segs), len(segs)  # where this trajectory starts in its row
         L = max([enc.action_spans[t][1] for t in steps] + [br.prefix_len for br in brs])  # later tokens are not needed
-        ids, pos = list(enc.input_ids[:L]), list(range(L))
+        segs.append((list(enc.input_ids[:L]), 0, -2, 0))  # the trunk: causal (-2: no parent)
         for s, e in (enc.action_spans[t] for t in steps):  # expert actions: ordinary causal next-token prediction
-            preds += [(b, i - 1, enc.input_ids[i], n_actions, i) for i in range(s, e)]
+            preds += [(b, o + i - 1, enc.input_ids[i], n_actions, o + i) for i in range(s, e)]
             n_actions += 1
-        spans = []
+        n = o + L
         for br in brs:  # agent actions: positions continue from the prefix, predictions start at its last token
-            start = len(ids)
-            ids += br.ids
-            pos += range(br.prefix_len, br.prefix_len + len(br.ids))
-            pred_pos = [br.prefix_len - 1] + list(range(start, start + len(br.ids) - 1))
-            preds += [(b, p, t, n_actions, start + j) for j, (p, t) in enumerate(zip(pred_pos, br.ids))]
-            spans.append((start, len(ids), br.prefix_len))
-            n_actions += 1
-        rows.append((ids, pos, L, spans))
-    Q = max(len(r[0]) for r in rows)
-    if not any(brs for brs in branches):  # expert actions only (SFT, held-out log-probs): a plain causal 2-D mask
-        return _right_padded([r[0] for r in rows], preds, n_actions, device)
-    allow = torch.zeros(len(rows), 1, Q, Q, dtype=torch.bool)
-    ids_t = torch.zeros(len(rows), Q, dtype=torch.long)
-    pos_t = torch.zeros(len(rows), Q, dtype=torch.long)
-    for b, (ids, pos, L, spans) in enumerate(rows):
-        ids_t[b, :len(ids)], pos_t[b, :len(pos)] = torch.tensor(ids), torch.tensor(pos)
-        allow[b, 0, :L, :L] = torch.tril(torch.ones(L, L, dtype=torch.bool))
-        for start, end, P in spans:
-            allow[b, 0, start:end, :P] = True
-            allow[b, 0, start:end, start:end] = torch.tril(torch.ones(end - start, end - start, dtype=torch.bool))
-        allow[b, 0, range(len(ids), Q), range(len(ids), Q)] = True  # padding sees itself: no all-masked rows (NaN)
-    return dict(input_ids=ids_t.to(device), position_ids=pos_t.to(device), allow=allow.to(device),
-                preds=preds, n_actions=n_actions, tokens=sum(len(r[0]) for r in rows))
+            segs.append((list(br.ids), br.prefix_len, trunk, br.prefix_len))
+            pred_pos = [o + br.prefix_len - 1] + list(range(n, n + len(br.ids) - 1))
+            preds += [(b, p, t, n_actions, n + j) for j, (p, t) in enumerate(zip(pred_pos, br.ids))]
+            n, n_actions = n + len(br.ids), n_actions + 1
+    if not one_row and not any(branches):  # expert actions only (SFT, held-out log-probs): a plain causal 2-D mask
+        return _right_padded([segs[0][0] for segs in rows], preds, n_actions, device)
+    lens = [sum(len(s[0]) for s in segs) for segs in rows]
+    fill = dict(input_ids=0, position_ids=0, seg=-1, parent=-2, root=0)  # padding: its own segment, sees only padding
+    t = {k: torch.full((len(rows), max(lens)), v, dtype=torch.long) for k, v in fill.items()}
+    for b, segs in enumerate(rows):
+        col = 0
+        for k, (ids, first, parent, root) in enumerate(segs):
+            at = (b, slice(col, col + len(ids)))
+            t["input_ids"][at], t["position_ids"][at] = torch.tensor(ids), torch.arange(first, first + len(ids))
+            t["seg"][at], t["parent"][at], t["root"][at] = k, parent, root
+            col += len(ids)
+    return dict(**{k: v.to(device) for k, v in t.items()}, preds=preds, n_actions=n_actions, tokens=sum(lens))
 
 
 def pack_pairs(encs: list, expert_steps: list[list[int]], branches: list[list[Branch]], device) -> dict:
@@ -425,23 +481,25 @@ def action_logps(model, packed: dict, hidden: bool = False) -> dict:
 
     Log-softmax is taken in fp32: bf16 logits lose the small differences that log-ratios and PPO ratios live on.
     """
-    rows, pos, target, owner, self_pos = torch.tensor(packed["preds"], device=packed["input_ids"].device).T
+    preds = torch.tensor(packed["preds"])  # (N, 5) on the host: unique and bincount there need no GPU sync
+    rows, pos, target, owner, self_pos = preds.to(packed["input_ids"].device).T
     one_row = packed["input_ids"].shape[0] == 1
-    keep, inverse = torch.unique(pos, return_inverse=True)  # positions whose logits we need
-    mask = packed["attention_mask"] if "attention_mask" in packed else attention_bias(model, packed["allow"])
+    keep, inverse = torch.unique(preds[:, 1], return_inverse=True)  # positions whose logits we need
+    mask = packed["attention_mask"] if "attention_mask" in packed else tree_mask(model, packed)
     out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=mask,
                 logits_to_keep=keep if one_row else 1, output_hidden_states=hidden or not one_row, use_cache=False)
     if one_row:
         logits = out.logits[0, inverse].float()  # (N, V)
     else:  # rows read different positions: logits_to_keep would run the head for every row at all of them.
-        # (The bare head skips post-head logit transforms such as Gemma-2's softcapping.)
-        head = getattr(model, "module", model).get_output_embeddings()
-        logits = head(out.hidden_states[-1][rows, pos]).float()  # (N, V)
+        base = getattr(model, "module", model)
+        logits = base.get_output_embeddings()(out.hidden_states[-1][rows, pos]).float()  # (N, V)
+        cap = getattr(base.config, "final_logit_softcapping", None)  # Gemma 2 caps after the head (its forward)
+        logits = torch.tanh(logits / cap) * cap if cap else logits
     tok_logp = logits.log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)  # (N,)
     seq_logp = torch.zeros(packed["n_actions"], device=rows.device).index_add(0, owner, tok_logp)  # (n_actions,)
     res = dict(tok_logp=tok_logp, owner=owner, seq_logp=seq_logp)
     if hidden:  # last-layer state at each action's last token (D_φ features) and at its prefix end (value baseline)
-        counts = torch.bincount(owner, minlength=packed["n_actions"])  # tokens are stored action by action
+        counts = torch.bincount(preds[:, 3], minlength=packed["n_actions"])  # tokens are stored action by action
         last = counts.cumsum(0) - 1
         first = last - counts + 1
         h = out.hidden_states[-1]
@@ -450,17 +508,36 @@ def action_logps(model, packed: dict, hidden: bool = False) -> dict:
     return res
 
 
-def run_pack(encs: list, expert_steps: list[list[int]], branches: list[list[Branch]], packing: str, device) -> dict:
-    """Choose the layout: tree packing (one row per trajectory) or the pairwise reference layout."""
-    return (pack_tree if packing == "tree" else pack_pairs)(encs, expert_steps, branches, device)
+def run_pack(encs: list, expert_steps: list[list[int]], branches: list[list[Branch]], packing: str, device,
+             one_row: bool = False) -> dict:
+    """Choose the layout: tree packing (a row per trajectory, or one_row for all) or the pairwise reference layout."""
+    if packing == "tree":
+        return pack_tree(encs, expert_steps, branches, device, one_row)
+    return pack_pairs(encs, expert_steps, branches, device)
+
+
+def token_batches(items: list, sizes: list[int], budget: int, batch_size: int) -> list[list]:
+    """Micro-batches of batch_size items, or with a token budget (--tokens-per-batch) consecutive items while their
+    packed tokens fit it: one row of real tokens each, not rows padded to the longest (one too long goes alone)."""
+    if budget <= 0:
+        return batched(items, batch_size)
+    out, used = [], budget
+    for item, n in zip(items, sizes):
+        if used + n > budget:
+            out.append([])
+            used = 0
+        out[-1].append(item)
+        used += n
+    return out
 
 
 # ============================================================================ 4. SFT: the warm start
 
 
-def nll_loss(tok_logp: torch.Tensor) -> torch.Tensor:
-    """SFT (paper: warm start): maximise Σ_t log π_θ(â_t | h_t), i.e. mean NLL over expert action tokens."""
-    return -tok_logp.mean()
+def nll_loss(tok_logp: torch.Tensor, n_tokens: int = 0) -> torch.Tensor:
+    """SFT (paper: warm start): maximise Σ_t log π_θ(â_t | h_t): NLL summed over these expert action tokens / n_tokens,
+    the count of the whole optimizer step (default: these): each token weighs the same however it is micro-batched."""
+    return -tok_logp.sum() / (n_tokens or len(tok_logp))
 
 
 def warmup_cosine(total: int, warmup: float):
@@ -477,7 +554,7 @@ def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_s
     steps_per_epoch = max(1, math.ceil(len(local) / per_step))
     total = cfg.epochs * steps_per_epoch
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = adamw(params, rt, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, cfg.warmup))
     start = 0
     if resume_state and resume_state["stage"] == "sft":
@@ -490,20 +567,21 @@ def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_s
     for k in bar:
         order = np.random.default_rng(derived_seed(cfg.seed, "sft", k // steps_per_epoch)).permutation(len(local))
         idx = order[(k % steps_per_epoch) * per_step:(k % steps_per_epoch + 1) * per_step]
-        micro = [idx[i:i + cfg.batch_size] for i in range(0, len(idx), cfg.batch_size)]
-        losses, tokens, lr = [], 0, sched.get_last_lr()[0]  # the rate this step trains with (sched.step() comes after)
-        for m, mb in enumerate(micro):
-            encs = [local[i] for i in mb]
-            packed = pack_tree(encs, [list(range(len(e.action_spans))) for e in encs], [[] for _ in encs], rt.device)
+        step = [local[i] for i in idx]
+        micro = token_batches(step, [e.action_spans[-1][1] for e in step], cfg.tokens_per_batch, cfg.batch_size)
+        n_tok = sum(e - s for enc in step for s, e in enc.action_spans)  # the step's loss: mean over all its tokens
+        loss_sum, tokens, lr = 0.0, 0, sched.get_last_lr()[0]  # the rate this step trains with (sched.step() after)
+        for m, encs in enumerate(micro):
+            packed = pack_tree(encs, [list(range(len(e.action_spans))) for e in encs], [[] for _ in encs], rt.device,
+                               one_row=cfg.tokens_per_batch > 0)
             sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
             with sync, rt.autocast():
-                loss = nll_loss(action_logps(ddp, packed)["tok_logp"])
+                loss = nll_loss(action_logps(ddp, packed)["tok_logp"], n_tok)
             last = m == len(micro) - 1
-            norm = optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, sched, accumulate=not last)
-            losses.append(loss.item())
-            tokens += packed["tokens"]
-        stats = {"sft/loss": float(np.mean(losses)), "sft/lr": lr, "sft/grad_norm": norm,
-                 "sft/tokens": tokens, "sft/epoch": k // steps_per_epoch}
+            norm = optimizer_step(loss, opt, rt, params, cfg.max_grad_norm, sched, accumulate=not last)
+            loss_sum, tokens = loss_sum + loss.detach(), tokens + packed["tokens"]
+        stats = {**floats({"sft/loss": loss_sum, "sft/grad_norm": norm}), "sft/lr": lr, "sft/tokens": tokens,
+                 "sft/epoch": k // steps_per_epoch}  # one host sync per step
         run.log(stage="sft", step=k + 1, **stats)
         bar.set_postfix(loss=f"{stats['sft/loss']:.3f}", lr=f"{stats['sft/lr']:.1e}")
         if cfg.save_every and (k + 1) % cfg.save_every == 0 and k + 1 < total:
@@ -513,13 +591,17 @@ def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_s
 
 
 def wrap_ddp(model, rt: Runtime):
-    """DDP only when torchrun started several processes; otherwise the model itself."""
-    if rt.world == 1:
+    """What training forwards call: DDP when torchrun started several processes, torch.compile'd with --compile, else
+    the model itself. The model stays unwrapped, so checkpoints and π_ref copies never see a wrapper."""
+    if rt.world == 1 and not rt.compile:
         return model
-    if rt.ddp is None or rt.ddp.module is not model:  # wrap once: each wrapper would add its own gradient hooks
+    inner = getattr(rt.ddp, "_orig_mod", rt.ddp)  # torch.compile's wrapper keeps the module as _orig_mod
+    if rt.ddp is None or getattr(inner, "module", inner) is not model:  # wrap once: each DDP adds gradient hooks
         from torch.nn.parallel import DistributedDataParallel
 
-        rt.ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        rt.ddp = DistributedDataParallel(model, device_ids=ids) if rt.world > 1 else model
+        rt.ddp = torch.compile(rt.ddp, dynamic=True) if rt.compile else rt.ddp  # dynamic: packed lengths vary
     return rt.ddp
 
 
@@ -601,8 +683,15 @@ def batched(xs: list, n: int) -> list[list]:
     return [xs[i:i + n] for i in range(0, len(xs), n)]
 
 
+def micro_batches(cfg: Config, encs: list, groups: list[tuple[int, list[Inspected]]]) -> list[list]:
+    """Trajectory groups per forward: --batch-size of them, or as many trees as fit --tokens-per-batch in one row."""
+    sizes = [max(encs[row].action_spans[it.t][1] for it in items) + sum(len(it.agent_ids) for it in items)
+             for row, items in groups]  # the trunk up to its last inspected expert action, plus every branch
+    return token_batches(groups, sizes, cfg.tokens_per_batch, cfg.batch_size)
+
+
 def pair_logps(model, encs: list, groups: list[tuple[int, list[Inspected]]], packing: str, rt: Runtime,
-               hidden: bool = False) -> dict:
+               hidden: bool = False, one_row: bool = False) -> dict:
     """log π(â_t|h_t) and log π(a_t|h_t) for every inspected (row, t) of the given rows, from one packed forward.
 
     Returns seq log-probs of the expert action paired with each item, of each agent action, and per-token values of
@@ -617,14 +706,14 @@ def pair_logps(model, encs: list, groups: list[tuple[int, list[Inspected]]], pac
         index_e += [n + steps.index(it.t) for it in items]
         index_a += list(range(n + len(steps), n + len(steps) + len(items)))
         n += len(steps) + len(items)
-    packed = run_pack([encs[row] for row, _ in groups], expert_steps, branches, packing, rt.device)
+    packed = run_pack([encs[row] for row, _ in groups], expert_steps, branches, packing, rt.device, one_row)
     with rt.autocast():
         res = action_logps(model, packed, hidden=hidden)
-    index_a_t = torch.tensor(index_a, device=rt.device)
-    is_agent_tok = torch.isin(res["owner"], index_a_t)
-    out = dict(logp_e=res["seq_logp"][index_e], logp_a=res["seq_logp"][index_a_t], tokens=packed["tokens"],
-               tok_logp_a=res["tok_logp"][is_agent_tok],  # (N_tok,) with each token's item index in tok_owner_a
-               tok_owner_a=torch.searchsorted(index_a_t, res["owner"][is_agent_tok]))
+    owner, index_a_t = torch.tensor([p[3] for p in packed["preds"]]), torch.tensor(index_a)  # on the host: no sync
+    agent_tok = torch.isin(owner, index_a_t).nonzero().squeeze(1)
+    out = dict(logp_e=res["seq_logp"][index_e], logp_a=res["seq_logp"][index_a], tokens=packed["tokens"],
+               tok_logp_a=res["tok_logp"][agent_tok.to(rt.device)],  # (N_tok,) each token's item in tok_owner_a
+               tok_owner_a=torch.searchsorted(index_a_t, owner[agent_tok]).to(rt.device))
     if hidden:
         out.update(h_e=res["h_action"][index_e], h_a=res["h_action"][index_a_t], h_prefix=res["h_prefix"][index_a_t])
     return out
@@ -641,9 +730,10 @@ def implicit_reward_loss(logp_pi_e: torch.Tensor, logp_pi_a: torch.Tensor, logp_
     r_a = beta * (logp_pi_a - logp_ref_a)  # (N,)
     margin = r_e - r_a
     loss = -F.logsigmoid(margin).mean()
-    stats = {"imp/loss": loss.item(), "imp/reward_margin": margin.mean().item(),
-             "imp/reward_acc": (margin > 0).float().mean().item(), "imp/reward_expert": r_e.mean().item(),
-             "imp/reward_agent": r_a.mean().item()}
+    with torch.no_grad():  # scalar tensors, turned into floats with one host sync where they are logged
+        stats = {"imp/loss": loss.detach(), "imp/reward_margin": margin.mean(),
+                 "imp/reward_acc": (margin > 0).float().mean(), "imp/reward_expert": r_e.mean(),
+                 "imp/reward_agent": r_a.mean()}
     return loss, stats
 
 
@@ -654,35 +744,40 @@ def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected
     groups = sorted(by_row(pairs).items())
     if not groups:
         return {"imp/pairs": 0}
+    one_row, ref_lp, tokens, t0 = cfg.tokens_per_batch > 0, {}, 0, time.time()
+    with torch.no_grad():  # the frozen π_ref's log-probs once per cycle, not once per epoch: (logp_e, logp_a) per row
+        for mb in micro_batches(cfg, encs, groups):
+            out, n = pair_logps(ref, encs, mb, cfg.packing, rt, one_row=one_row), [len(items) for _, items in mb]
+            ref_lp.update(zip([row for row, _ in mb], zip(out["logp_e"].split(n), out["logp_a"].split(n))))
+            tokens += out["tokens"]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.reflect_lr, weight_decay=0.0)
+    opt = adamw(params, rt, lr=cfg.reflect_lr, weight_decay=0.0)
     ddp = wrap_ddp(model, rt)
     model.train()
-    history, tokens, t0 = [], 0, time.time()
+    history = []
     rng = random.Random(derived_seed(cfg.seed, "reflect", cycle))
     for epoch in range(cfg.reflect_epochs):
         order = rng.sample(groups, len(groups))
         steps = batched(order, cfg.reflect_batch)
         for step in tqdm(steps, desc=f"reflect c{cycle} e{epoch}", disable=not rt.is_main, leave=False):
-            micro = batched(step, cfg.batch_size)
-            n_pairs = sum(len(items) for _, items in step)
+            micro = micro_batches(cfg, encs, step)
+            n_pairs, seen = sum(len(items) for _, items in step), []
             for m, mb in enumerate(micro):
-                with torch.no_grad():
-                    ref_lp = pair_logps(ref, encs, mb, cfg.packing, rt)
+                ref_e, ref_a = (torch.cat(x) for x in zip(*(ref_lp[row] for row, _ in mb)))
                 sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
                 with sync:
-                    lp = pair_logps(ddp, encs, mb, cfg.packing, rt)
-                    loss, stats = implicit_reward_loss(lp["logp_e"], lp["logp_a"], ref_lp["logp_e"], ref_lp["logp_a"],
-                                                       cfg.beta)
+                    lp = pair_logps(ddp, encs, mb, cfg.packing, rt, one_row=one_row)
+                    loss, _ = implicit_reward_loss(lp["logp_e"], lp["logp_a"], ref_e, ref_a, cfg.beta)
                     if cfg.sft_weight:  # ours: keep the expert actions likely while pushing the margin
                         loss = loss - cfg.sft_weight * lp["logp_e"].mean()
                     weight = sum(len(items) for _, items in mb) / n_pairs  # every pair of the step weighs the same
                     optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
-                tokens += lp["tokens"] + ref_lp["tokens"]
-                history.append(stats)
-            run.log(stage="reflect", cycle=cycle, **history[-1])
+                tokens += lp["tokens"]
+                seen.append((lp["logp_e"].detach(), lp["logp_a"].detach(), ref_e, ref_a))
+            history.append(implicit_reward_loss(*(torch.cat(x) for x in zip(*seen)), cfg.beta)[1])  # all step's pairs
+            run.log(stage="reflect", cycle=cycle, **floats(history[-1]))  # one host sync per logged step
     model.eval()
-    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]}
+    summary = floats({k: torch.stack([h[k] for h in history]).mean() for k in history[0]})
     return {**summary, "imp/pairs": len(pairs), "reflect/tokens": tokens, "reflect/seconds": time.time() - t0}
 
 
@@ -704,8 +799,9 @@ def discriminator_loss(f_expert: torch.Tensor, f_agent: torch.Tensor) -> tuple[t
     """Inverse-RL reflection (paper: inverse RL; loss as GAIL): BCE with expert steps labelled 1 and agent steps 0,
     each class weighted equally: L_D = −½·mean log D(h, â) − ½·mean log(1 − D(h, a))."""
     loss = 0.5 * (F.softplus(-f_expert).mean() + F.softplus(f_agent).mean())  # −log σ(x) = softplus(−x)
-    stats = {"irl/D_loss": loss.item(), "irl/D_acc_expert": (f_expert > 0).float().mean().item(),
-             "irl/D_acc_agent": (f_agent < 0).float().mean().item()}
+    with torch.no_grad():  # scalar tensors: floats() turns them into numbers with one host sync
+        stats = {"irl/D_loss": loss.detach(), "irl/D_acc_expert": (f_expert > 0).float().mean(),
+                 "irl/D_acc_agent": (f_agent < 0).float().mean()}
     return loss, stats
 
 
@@ -727,9 +823,9 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Ten
     d_ref = logp_ref - logp_new
     kl = torch.exp(d_ref) - d_ref - 1
     loss = -surrogate.mean() + kl_coef * kl.mean()
-    with torch.no_grad():
-        stats = {"ppo/loss": loss.item(), "ppo/clipfrac": ((ratio - 1).abs() > clip).float().mean().item(),
-                 "ppo/approx_kl": ((ratio - 1) - torch.log(ratio)).mean().item(), "ppo/kl_ref": kl.mean().item()}
+    with torch.no_grad():  # scalar tensors: floats() turns them into numbers with one host sync
+        stats = {"ppo/loss": loss.detach(), "ppo/clipfrac": ((ratio - 1).abs() > clip).float().mean(),
+                 "ppo/approx_kl": ((ratio - 1) - torch.log(ratio)).mean(), "ppo/kl_ref": kl.mean()}
     return loss, stats
 
 
@@ -740,13 +836,13 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     t0, tokens = time.time(), 0
     # 1. one frozen π_ref pass per trajectory: features of (h, â) and (h, a), and π_old = π_ref log-probs of a_t
     #    (π_ref is the snapshot the agent inspected with, so it is also PPO's behaviour policy).
-    cache, old_tok = [], []
-    for mb in tqdm(batched(groups, cfg.batch_size), desc=f"features c{cycle}", disable=not rt.is_main, leave=False):
+    cache, old_tok, one_row = [], [], cfg.tokens_per_batch > 0
+    for mb in tqdm(micro_batches(cfg, encs, groups), desc=f"features c{cycle}", disable=not rt.is_main, leave=False):
         with torch.no_grad():
-            out = pair_logps(ref, encs, mb, cfg.packing, rt, hidden=True)
+            out = pair_logps(ref, encs, mb, cfg.packing, rt, hidden=True, one_row=one_row)
         tokens += out["tokens"]
         cache.append(out)
-        old_tok += out["tok_logp_a"].split(torch.bincount(out["tok_owner_a"], minlength=len(out["logp_a"])).tolist())
+        old_tok += out["tok_logp_a"].split([len(it.agent_ids) for _, items in mb for it in items])
     h_e, h_a = torch.cat([c["h_e"] for c in cache]), torch.cat([c["h_a"] for c in cache])  # (N, H) each
     n_items = len(h_a)
     item_rows = torch.tensor([row for row, items in groups for _ in items])
@@ -757,7 +853,7 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     held_idx = torch.tensor([i for i in range(n_items) if int(item_rows[i]) in held], dtype=torch.long)
     disc, disc_lm = heads["disc"], heads.get("disc_lm")  # disc_lm: the --disc-model backbone, fine-tuned with the head
     d_params = list(disc.parameters()) + (list(disc_lm.parameters()) if disc_lm is not None else [])
-    d_opt = torch.optim.AdamW(d_params, lr=cfg.disc_lr)
+    d_opt = adamw(d_params, rt, lr=cfg.disc_lr)
     d_rt_fp32 = Runtime(rt.device, torch.float32)  # heads alone train in fp32, no scaler
     d_rt = rt if disc_lm is not None else d_rt_fp32
     train_groups = [g_ for g_, (row, _) in enumerate(groups) if row not in held]
@@ -770,14 +866,15 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
             f_e_mb, f_a_mb = disc(h_e[i_e]), disc(h_a[i_a])
         else:  # one packed forward of the backbone over a few trajectories: each step gives one expert, K agent
             pick = torch.randint(len(train_groups), (cfg.batch_size,), generator=g).tolist()
-            out = pair_logps(disc_lm, encs, [groups[train_groups[i]] for i in pick], cfg.packing, rt, hidden=True)
+            out = pair_logps(disc_lm, encs, [groups[train_groups[i]] for i in pick], cfg.packing, rt, hidden=True,
+                             one_row=one_row)
             f_e_mb, f_a_mb = disc(out["h_e"]), disc(out["h_a"])
         d_loss, d_stats = discriminator_loss(f_e_mb, f_a_mb)
         optimizer_step(d_loss, d_opt, d_rt, d_params, cfg.max_grad_norm)
     with torch.no_grad():
         if disc_lm is not None:
-            outs = [pair_logps(disc_lm, encs, mb, cfg.packing, rt, hidden=True)
-                    for mb in batched(groups, cfg.batch_size)]
+            outs = [pair_logps(disc_lm, encs, mb, cfg.packing, rt, hidden=True, one_row=one_row)
+                    for mb in micro_batches(cfg, encs, groups)]
             h_e, h_a = torch.cat([o["h_e"] for o in outs]), torch.cat([o["h_a"] for o in outs])
         f_e, f_a = disc(h_e), disc(h_a)  # (N,)
         _, held_stats = discriminator_loss(f_e[held_idx], f_a[held_idx]) if len(held_idx) else (None, {})
@@ -791,7 +888,7 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     else:  # a value head V(h_t) on the (detached) policy state at the end of the prefix, fitted by MSE
         value = heads["value"]
         h_p = torch.cat([c["h_prefix"] for c in cache])
-        v_opt = torch.optim.AdamW(value.parameters(), lr=cfg.disc_lr)
+        v_opt = adamw(list(value.parameters()), rt, lr=cfg.disc_lr)
         for _ in range(cfg.disc_steps):
             v_loss = F.mse_loss(value(h_p), r)
             optimizer_step(v_loss, v_opt, d_rt_fp32, list(value.parameters()), cfg.max_grad_norm)
@@ -800,33 +897,39 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     adv = (r - b).detach()  # (N,)
     # 4. PPO epochs with fresh log-probs from the packed forward
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.reflect_lr, weight_decay=0.0)
+    opt = adamw(params, rt, lr=cfg.reflect_lr, weight_decay=0.0)
     ddp = wrap_ddp(model, rt)
     model.train()
     starts = np.cumsum([0] + [len(items) for _, items in groups])
+    index = {row: gi for gi, (row, _) in enumerate(groups)}
     history = []
     rng = random.Random(derived_seed(cfg.seed, "ppo", cycle))
     for epoch in range(cfg.ppo_epochs):
         order = rng.sample(range(len(groups)), len(groups))
         for step in tqdm(batched(order, cfg.reflect_batch), desc=f"PPO c{cycle} e{epoch}", disable=not rt.is_main,
                          leave=False, dynamic_ncols=True):
-            micro = batched(step, cfg.batch_size)
+            micro = micro_batches(cfg, encs, [groups[gi] for gi in step])
+            n_tok, seen = sum(len(it.agent_ids) for gi in step for it in groups[gi][1]), []  # loss: mean over tokens
             for m, mb in enumerate(micro):
                 sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
                 with sync:
-                    lp = pair_logps(ddp, encs, [groups[g_] for g_ in mb], cfg.packing, rt)
-                    items = [j for gi in mb for j in range(starts[gi], starts[gi + 1])]
+                    lp = pair_logps(ddp, encs, mb, cfg.packing, rt, one_row=one_row)
+                    items = [j for row, _ in mb for j in range(starts[index[row]], starts[index[row] + 1])]
                     old = torch.cat([old_tok[j] for j in items])  # π_old = π_ref: the snapshot that inspected
                     adv_tok = adv[items][lp["tok_owner_a"]]  # (N_tok,) each token carries its action's advantage
-                    loss, stats = ppo_loss(lp["tok_logp_a"], old, old, adv_tok, cfg.clip, cfg.kl_coef)
-                    optimizer_step(loss / len(micro), opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
+                    loss, _ = ppo_loss(lp["tok_logp_a"], old, old, adv_tok, cfg.clip, cfg.kl_coef)
+                    weight = len(old) / n_tok
+                    optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
                 tokens += lp["tokens"]
-                history.append(stats)
-            run.log(stage="reflect", cycle=cycle, **history[-1])
+                seen.append((lp["tok_logp_a"].detach(), old, adv_tok))
+            new, old, adv_tok = (torch.cat(x) for x in zip(*seen))  # the stats of all the step's tokens
+            history.append(ppo_loss(new, old, old, adv_tok, cfg.clip, cfg.kl_coef)[1])
+            run.log(stage="reflect", cycle=cycle, **floats(history[-1]))  # one host sync per logged step
     model.eval()
-    summary = {k: float(np.mean([h[k] for h in history])) for k in history[0]} if history else {}
-    held_acc = (held_stats["irl/D_acc_expert"] + held_stats["irl/D_acc_agent"]) / 2 if held_stats else float("nan")
-    return {**summary, **d_stats, "irl/D_acc_heldout": held_acc,
+    summary = floats({k: torch.stack([h[k] for h in history]).mean() for k in history[0]}) if history else {}
+    hs = floats(held_stats)
+    held_acc = (hs["irl/D_acc_expert"] + hs["irl/D_acc_agent"]) / 2 if hs else float("nan")
+    return {**summary, **floats(d_stats), "irl/D_acc_heldout": held_acc,
             "irl/reward_expert": f_e.mean().item(), "irl/reward_agent": f_a.mean().item(),
             "irl/reward_agent_agree": f_a[agree].mean().item() if agree.any() else float("nan"),
             "irl/steps": n_items, "reflect/tokens": tokens, "reflect/seconds": time.time() - t0}
@@ -971,9 +1074,10 @@ def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict
                                          cfg.max_steps or None, data_dir=cfg.env_data or None, games=games)
     table = envs.format_summary(summaries)
     cap = cfg.max_steps or envs.DEFAULT_MAX_STEPS[cfg.env] or "per-task"
-    print0(rt, f"\nsuccess ({tag}, max {cap} steps):\n{table}")
+    qa = "".join(f"\n{k}: EM {s['em']:.3f}, F1 {s['reward']:.3f}" for k, s in summaries.items() if "em" in s)  # QA
+    print0(rt, f"\nsuccess ({tag}, max {cap} steps):\n{table}{qa}")
     atomic_write(run.dir / "eval" / tag / "summary.json", json.dumps(summaries, indent=2))
-    flat = {f"eval/{split}/success": s["success"] for split, s in summaries.items()}
+    flat = {f"eval/{split}/{k}": s[k] for split, s in summaries.items() for k in ("success", "em", "reward") if k in s}
     run.log(stage="eval", tag=tag, **flat)
     return summaries
 
@@ -1015,10 +1119,15 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         self.tok.save_pretrained(tmp)
-        rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+        # Only tensors and plain containers, so resume can load it with weights_only=True (no code runs on load).
+        np_state = np.random.get_state(legacy=False)
+        np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+        rng = dict(python=random.getstate(), numpy=np_state, torch=torch.get_rng_state(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-        torch.save({**state, "t": self.t, "rng": rng, "table": self.table, "config": dataclasses.asdict(self.cfg),
-                    "heads": {k: m.state_dict() for k, m in self.heads.items()}}, tmp / "state.pt")
+        scaler = {"scaler": self.rt.scaler.state_dict()} if self.rt.scaler else {}
+        torch.save({**state, **scaler, "t": self.t, "rng": rng, "table": self.table,
+                    "config": dataclasses.asdict(self.cfg), "heads": {k: m.state_dict() for k, m in self.heads.items()}},
+                   tmp / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in _checkpoints(self.dir)[:-2]:  # keep the two newest complete checkpoints
@@ -1027,17 +1136,25 @@ class Run:
 
     def restore(self, path: Path) -> dict:
         """Load state.pt, restore RNGs and cut metrics.jsonl back to the checkpoint (the lines after it are redone)."""
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        try:  # weights_only: a checkpoint from someone else's run directory cannot execute code when loaded
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise SystemExit(f"error: {path / 'state.pt'}: not a checkpoint state that loads safely "
+                             f"(tensors and plain containers only): {type(e).__name__}") from None
         self.t = state["t"]
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        np_state = rng["numpy"]
+        np_state["state"]["key"] = np_state["state"]["key"].numpy().astype(np.uint32)
+        np.random.set_state(np_state)
+        if self.rt.scaler and "scaler" in state:
+            self.rt.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         metrics = self.dir / "metrics.jsonl"
         if self.rt.is_main and metrics.exists():
-            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["t"] <= self.t]
+            keep = [ln for ln in metrics.read_text().splitlines() if _t_of(ln) <= self.t]
             atomic_write(metrics, "".join(ln + "\n" for ln in keep))
         return state
 
@@ -1064,10 +1181,14 @@ def train(cfg: Config) -> dict:
     if cfg.resume and ckpt is None:
         print0(rt, f"--resume: no complete checkpoint in {out}, starting fresh")
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    if cfg.packing == "tree" and cfg.attn not in ("sdpa", "eager"):
+    if cfg.packing == "tree" and cfg.attn not in ("sdpa", "eager", "flex_attention"):
         print0(rt, f"--attn {cfg.attn} ignores 4-D attention masks: using --packing pairs")
         cfg.packing = "pairs"
     model, tok = load_policy(str(ckpt) if ckpt else cfg.model, rt, cfg.attn)
+    if cfg.packing == "tree" and layer_windows(model) is None:  # e.g. chunked or linear-attention layers
+        print0(rt, f"--packing tree: the tree mask cannot express layer types {set(model.config.layer_types)}: "
+                   "using --packing pairs")
+        cfg.packing = "pairs"
     run = Run(cfg, rt, tok)
     state = run.restore(ckpt) if ckpt else None
     if state:
@@ -1136,6 +1257,14 @@ def train(cfg: Config) -> dict:
     summaries = evaluate(cfg, rt, model, tok, run, "final")
     print0(rt, f"run directory: {run.dir} (checkpoint: {_checkpoints(run.dir)[-1]})")
     return {"table": table, "eval": summaries, "out": str(run.dir)}
+
+
+def _t_of(line: str) -> float:
+    """A metrics line's t; a torn line (killed mid-write) or a blank one reads as infinitely late, so it is cut."""
+    try:
+        return json.loads(line)["t"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _checkpoints(out: Path) -> list[Path]:

@@ -174,8 +174,9 @@ CONV = {"id": "g", "conversations": [{"from": "human", "value": "task"}, {"from"
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", json.dumps(GOOD) + "\n{not json\n", "bad.jsonl: line 2: not JSON: Expecting property name"),
-    ("bad.json", '[{"id": "g",\n "x": }]', "bad.json: not JSON: Expecting value at line 2, column 7"),
+    ("bad.jsonl", json.dumps(GOOD) + "\n{not json\n", "bad.jsonl: line 2, column 2: not JSON (Expecting property name"),
+    ("torn.jsonl", json.dumps(GOOD) + '\n{"id": "torn', "torn.jsonl: line 2, column 8: not JSON (Unterminated string starting at)"),
+    ("bad.json", '[{"id": "g",\n "x": }]', "bad.json: line 2, column 7: not JSON (Expecting value)"),
     ("type.jsonl", json.dumps({**GOOD, "steps": "look"}),
      "type.jsonl: line 1: field 'steps': expected a non-empty list, got \"look\""),
     ("empty.jsonl", "\n" + json.dumps({**GOOD, "steps": []}),
@@ -432,17 +433,21 @@ def branches_for(tok, traj: Trajectory, enc: data.Encoded, replies: dict[int, li
     return [sa.Branch(enc.action_spans[t][0], data.encode_action(tok, traj, t, r)) for t, rs in replies.items() for r in rs]
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_packed_logps_equal_separate_passes(attn):
-    """Tree packing, pair packing and padded batches give each action's log π(a|h) and hidden states of a lone pass."""
-    tok, model = tiny_tokenizer(), tiny_model(attn)
+LAYOUTS = ("tree, one row", "tree, two rows (padding)", "pairs", "tree, expert only", "tree, one row for both",
+           "tree, expert only, one row for both")
+
+
+def assert_layouts_equal_separate_passes(model, layouts=LAYOUTS, atol: float = 1e-4) -> None:
+    """Each layout's log π(a|h) of every action, and its hidden states, equal those of a lone forward of h_t + a_t."""
+    tok = tiny_tokenizer()
     t1, t2 = make_traj(5, seed=1), make_traj(3, seed=2)
     e1, e2 = encode(t1), encode(t2)
     assert len(e1.input_ids) > len(e2.input_ids)
-    b1 = branches_for(tok, t1, e1, {1: ["open drawer 2", "inventory"], 3: ["go to cabinet 1"], 4: ["Thought: hmm\nAction: look"]})
+    b1 = branches_for(tok, t1, e1, {1: ["open drawer 2", "inventory"], 3: ["go to cabinet 1"],
+                                    4: ["Thought: hmm\nAction: look"]})
     b2 = branches_for(tok, t2, e2, {0: ["examine shelf 1"], 2: ["close drawer 2", "go to shelf 1"]})
     steps1, steps2 = [0, 1, 3], [1, 2]
-    # the order of actions: per row, expert spans first, then branches
+    # the order of actions: per trajectory, expert spans first, then branches
     expected, hid_last, hid_prefix = [], [], []
     for enc, steps, brs in [(e1, steps1, b1), (e2, steps2, b2)]:
         actions = [(enc.action_spans[t][0], enc.input_ids[slice(*enc.action_spans[t])]) for t in steps]
@@ -454,24 +459,138 @@ def test_packed_logps_equal_separate_passes(attn):
             hid_prefix.append(h[P - 1])
     hid_last, hid_prefix = torch.stack(hid_last), torch.stack(hid_prefix)
     n1 = len(steps1) + len(b1)
-    layouts = {
-        "tree, one row": ([e1], [steps1], [b1], slice(0, n1)),
-        "tree, two rows (padding)": ([e1, e2], [steps1, steps2], [b1, b2], slice(None)),
-        "pairs": ([e1, e2], [steps1, steps2], [b1, b2], slice(None)),
-        "tree, expert only": ([e1, e2], [steps1, steps2], [[], []], None),
-    }
-    for name, (encs, steps, brs, sel) in layouts.items():
-        pack = sa.pack_pairs if name == "pairs" else sa.pack_tree
+    both = ([e1, e2], [steps1, steps2], [b1, b2], slice(None))
+    expert_only = ([e1, e2], [steps1, steps2], [[], []], None)
+    cases = {"tree, one row": ([e1], [steps1], [b1], slice(0, n1)), "tree, two rows (padding)": both, "pairs": both,
+             "tree, expert only": expert_only, "tree, one row for both": both,
+             "tree, expert only, one row for both": expert_only}
+    for name in layouts:
+        encs, steps, brs, sel = cases[name]
         with torch.no_grad():
-            res = sa.action_logps(model, pack(encs, steps, brs, "cpu"), hidden=True)
+            pack = sa.pack_pairs(encs, steps, brs, "cpu") if name == "pairs" else \
+                sa.pack_tree(encs, steps, brs, "cpu", one_row="one row for both" in name)
+            res = sa.action_logps(model, pack, hidden=True)
         if sel is None:  # expert spans only: row 1's expert actions, then row 2's
             idx = list(range(len(steps1))) + list(range(n1, n1 + len(steps2)))
         else:
             idx = list(range(len(expected)))[sel]
         got = res["seq_logp"].tolist()
-        assert got == pytest.approx([expected[i] for i in idx], abs=1e-4), name
-        assert torch.allclose(res["h_action"], hid_last[idx], atol=1e-4), name
-        assert torch.allclose(res["h_prefix"], hid_prefix[idx], atol=1e-4), name
+        assert got == pytest.approx([expected[i] for i in idx], abs=atol), name
+        assert torch.allclose(res["h_action"], hid_last[idx], atol=atol), name
+        assert torch.allclose(res["h_prefix"], hid_prefix[idx], atol=atol), name
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_logps_equal_separate_passes(attn):
+    """Tree packing (a row per trajectory, or several trajectories with their branches in one row), pair packing and
+    padded batches give each action's log π(a|h) and the hidden states of a lone pass."""
+    assert_layouts_equal_separate_passes(tiny_model(attn))
+
+
+def windowed_model(arch: str, attn: str, window: int = 12, **extra):
+    """A tiny random model whose sliding window (12 positions) is much shorter than the test trajectories."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(tiny_tokenizer()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                  sliding_window=window, pad_token_id=tiny_tokenizer().pad_token_id, attn_implementation=attn)
+    configs = {"mistral": (tf.MistralConfig, {}),  # layer_types None: every layer slides
+               "qwen2": (tf.Qwen2Config, dict(use_sliding_window=True, max_window_layers=1)),  # full, then sliding
+               "gemma2": (tf.Gemma2Config, dict(query_pre_attn_scalar=16)),  # sliding, full
+               "gemma3": (tf.Gemma3TextConfig, dict(layer_types=["sliding_attention", "full_attention"]))}
+    cls, kw = configs[arch]
+    config = cls(**{**common, **kw, **extra})
+    return tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+
+
+@pytest.mark.parametrize("arch, attn", [("mistral", "sdpa"), ("qwen2", "sdpa"), ("gemma2", "eager"),
+                                        ("gemma3", "sdpa")])
+def test_tree_packing_keeps_the_sliding_window(arch, attn):
+    """Sliding-window layers (all of Mistral's, Qwen2's upper ones, every other one of Gemma 2/3) see the same last
+    positions in a packed tree as in a lone forward, though a branch sits later in its row than its positions say."""
+    model = windowed_model(arch, attn)
+    assert set(sa.layer_windows(model).values()) >= {12}
+    assert_layouts_equal_separate_passes(model)
+
+
+def test_layer_windows_read_each_config_convention():
+    """Windows come from layer_types (Qwen2, Gemma) or, where it is None, from sliding_window alone (Mistral, Phi3);
+    layer kinds the tree mask cannot express (chunked, linear attention) give None: --packing pairs."""
+    ns = types.SimpleNamespace
+    assert sa.layer_windows(ns(config=ns(sliding_window=None))) == {"full_attention": None}
+    assert sa.layer_windows(ns(config=ns(sliding_window=64, layer_types=None))) == {"sliding_attention": 64}
+    off = ns(sliding_window=64, use_sliding_window=False, layer_types=["full_attention"] * 2)  # Qwen2.5's default
+    assert sa.layer_windows(ns(config=off)) == {"full_attention": None}
+    chunked = ns(sliding_window=8, layer_types=["chunked_attention", "full_attention"])  # Llama 4
+    assert sa.layer_windows(ns(config=chunked)) is None
+
+
+def test_gemma2_logit_softcapping_applies_when_rows_read_different_positions():
+    """Gemma 2's final logit softcapping (tanh(x/c)·c) is applied when several rows run the LM head only where read."""
+    model = windowed_model("gemma2", "eager", window=4096, final_logit_softcapping=1.0)  # a small cap: a visible effect
+    assert_layouts_equal_separate_passes(model, ["tree, two rows (padding)", "tree, one row"])
+
+
+def test_token_batches_fill_a_budget_of_real_tokens():
+    """--tokens-per-batch groups consecutive trajectories while their packed tokens fit; one too long goes alone."""
+    assert sa.token_batches(list("abcde"), [3, 4, 2, 9, 1], 8, batch_size=2) == [["a", "b"], ["c"], ["d"], ["e"]]
+    assert sa.token_batches(list("abcde"), [3, 4, 2, 9, 1], 0, batch_size=2) == [["a", "b"], ["c", "d"], ["e"]]
+
+
+@pytest.mark.parametrize("stage", ["sft", "implicit", "inverse"])
+def test_token_budget_packing_trains_as_padded_rows_do(stage):
+    """An optimizer step gives the same losses and parameters whether its trajectories come as --batch-size padded rows
+    or packed by --tokens-per-batch into shared rows: the packing changes the layout, not the maths."""
+    tok = tiny_tokenizer()
+    trajs = [make_traj(n, seed=90 + i) for i, n in enumerate([3, 2, 4, 1])]
+    encs = [encode(t) for t in trajs]
+    items = [sa.Inspected(r, t, "", "inventory", data.encode_action(tok, tr, t, "inventory"), False)
+             for r, tr in enumerate(trajs) for t in range(len(tr.steps))]
+    budget = len(encs[0].input_ids) + len(encs[1].input_ids) + 40  # at least two trajectories share a row
+    runs = []
+    for kw in (dict(batch_size=2), dict(batch_size=2, tokens_per_batch=budget)):
+        model, run = tiny_model("sdpa"), NullRun()
+        cfg = small_cfg(lr=1e-3, reflect_lr=1e-3, grad_accum=2, reflect_batch=4, disc_steps=5, ppo_epochs=1, **kw)
+        if stage == "sft":
+            sa.train_sft(cfg, CPU, model, encs, run, None)
+        elif stage == "implicit":
+            sa.reflect_implicit(cfg, CPU, model, tiny_model("sdpa", seed=1), encs, items, 1, run)
+        else:
+            torch.manual_seed(0)
+            heads = {"disc": sa.Discriminator(64, 32), "value": sa.Discriminator(64, 32)}
+            sa.reflect_inverse(cfg, CPU, model, tiny_model("sdpa", seed=1), heads, encs, items, 1, run)
+        runs.append((run.lines, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (lines, params), (lines_packed, params_packed) = runs
+    assert len(lines) == len(lines_packed) > 0
+    for a, b in zip(lines, lines_packed):
+        assert {k: v for k, v in a.items() if "tokens" not in k} == pytest.approx(
+            {k: v for k, v in b.items() if "tokens" not in k}, rel=1e-4, abs=1e-5)
+    diff = (params - params_packed).abs()  # Adam's first step is lr·g/|g|: float noise moves it only where g ≈ 0
+    assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-3
+    assert (params - torch.cat([p.flatten() for p in tiny_model("sdpa").parameters()])).abs().max() > 1e-4  # trained
+
+
+def test_flex_attention_block_mask_equals_the_dense_tree_mask():
+    """--attn flex_attention: the tree mask as a block-sparse BlockMask (one per layer type) gives the dense mask's
+    log-probs and hidden states, with several trajectories and their branches in one row (fp32; CPU runs it forward
+    only: "FlexAttention does not support backward on CPU")."""
+    model = windowed_model("qwen2", "sdpa")  # a full and a sliding layer
+    tok, t1, t2 = tiny_tokenizer(), make_traj(5, seed=1), make_traj(3, seed=2)
+    e1, e2 = encode(t1), encode(t2)
+    brs = [branches_for(tok, t1, e1, {1: ["open drawer 2", "inventory"], 4: ["look"]}),
+           branches_for(tok, t2, e2, {0: ["examine shelf 1"], 2: ["close drawer 2"]})]
+    packed = sa.pack_tree([e1, e2], [[0, 1, 3], [1, 2]], brs, "cpu", one_row=True)  # one shape: one compilation
+    res = {}
+    for attn in ("sdpa", "flex_attention"):
+        model.set_attn_implementation(attn)
+        with torch.no_grad():
+            res[attn] = sa.action_logps(model, packed, hidden=True)
+        masks = sa.tree_mask(model, packed)
+        assert set(masks) == {"full_attention", "sliding_attention"}
+    assert masks["full_attention"].sparsity() > 0  # the blocks between the two trajectories are skipped
+    for k in ("seq_logp", "tok_logp", "h_action", "h_prefix"):
+        assert torch.allclose(res["sdpa"][k], res["flex_attention"][k], atol=1e-5), k
 
 
 def test_nll_loss_equals_masked_cross_entropy():
@@ -746,15 +865,17 @@ FAST = ["--preset", "small", "--eval-games", "0", "--max-length", "4096", "--hel
         "--data", str(EXPERT)]
 
 
-@pytest.mark.parametrize("method", ["implicit", "inverse"])
-def test_main_end_to_end(tiny_dir, tmp_path, method):
-    """`stepagent.py --cycles 2` runs SFT and two cycles, logs the convergence metrics and saves a loadable model."""
+@pytest.mark.parametrize("method, extra", [("implicit", []), ("inverse", []),
+                                           ("inverse", ["--tokens-per-batch", "3000"])])
+def test_main_end_to_end(tiny_dir, tmp_path, method, extra):
+    """`stepagent.py --cycles 2` runs SFT and two cycles, logs the convergence metrics and saves a loadable model
+    (also with trajectories packed by a token budget)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
     res = sa.main(["--model", str(tiny_dir), "--out", str(out), "--max-trajectories", "8", "--cycles", "2",
                    "--method", method, "--inspect-trajectories", "5", "--steps-per-trajectory", "2", "--disc-steps", "20",
-                   *FAST])
+                   *FAST, *extra])
     lines = read_metrics(out)
     assert [ln["t"] for ln in lines] == list(range(1, len(lines) + 1))
     assert any(ln["stage"] == "sft" and math.isfinite(ln["sft/loss"]) for ln in lines)
@@ -782,7 +903,7 @@ def test_inverse_with_a_separate_discriminator_backbone(tiny_dir, tmp_path):
              "--disc-steps", "3", *FAST])
     cycle = [ln for ln in read_metrics(out) if ln["stage"] == "cycle" and ln["cycle"] == 1][0]
     assert 0 <= cycle["irl/D_acc_expert"] <= 1 and cycle["irl/D_loss"] > 0
-    state = torch.load(sorted(out.glob("ckpt-[0-9]*"))[-1] / "state.pt", weights_only=False)
+    state = torch.load(sorted(out.glob("ckpt-[0-9]*"))[-1] / "state.pt", weights_only=True)
     backbone = state["heads"]["disc_lm"]
     start = tiny_model("sdpa").state_dict()
     assert backbone.keys() == start.keys() and any(not torch.equal(backbone[k], start[k]) for k in start)
@@ -806,10 +927,12 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
     assert [ln["step"] for ln in sft_a] == [1, 2, 3, 4]
     shutil.copytree(a, b)
     for ckpt in sorted(b.glob("ckpt-[0-9]*")):  # drop every checkpoint after SFT step 2: as if killed at step 3
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
         if not (state["stage"] == "sft" and state["sft_step"] == 2):
             shutil.rmtree(ckpt)
     assert len(list(b.glob("ckpt-[0-9]*"))) == 1
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"t": 9, "stage": "sf')  # killed mid-write
     with pytest.raises(SystemExit, match="--resume"):
         sa.main([*args, "--out", str(b)])
     res_b = sa.main([*args, "--out", str(b), "--resume"])
@@ -825,6 +948,27 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
                 assert lb[k] == la[k], (la["t"], k)
     assert [r["cycle"] for r in res_b["table"]] == [r["cycle"] for r in res_a["table"]] == ["init", 0]
     assert res_b["table"][-1]["cycle/logp_expert"] == pytest.approx(res_a["table"][-1]["cycle/logp_expert"], abs=1e-6)
+
+
+class _RunsCode:
+    """A pickled object that would run code when unpickled (what a hostile state.pt could hold)."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_resume_never_unpickles_code(tiny_dir, tmp_path, monkeypatch):
+    """--resume loads state.pt with weights_only=True: a state holding a pickled callable is refused, not run."""
+    out = tmp_path / "run"
+    args = ["--model", str(tiny_dir), "--max-trajectories", "4", "--cycles", "0", "--out", str(out), *FAST]
+    sa.main(args)
+    ckpt = sorted(out.glob("ckpt-[0-9]*"))[-1]
+    state = torch.load(ckpt / "state.pt", weights_only=True)  # what stepagent writes loads safely
+    torch.save({**state, "evil": _RunsCode()}, ckpt / "state.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"state.pt: not a checkpoint state that loads safely"):
+        sa.main([*args, "--resume"])
+    assert not (tmp_path / "pwned").exists()
 
 
 def write_jsonl(path: Path, trajs: list[Trajectory]) -> Path:
@@ -845,6 +989,9 @@ def test_bad_input_fails_early_with_one_line(tiny_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         sa.main(["--method", "reinforce", "--out", str(tmp_path / "r2")])
     assert "--method" in str(e.value.code) and "implicit" in str(e.value.code)
+    for games in ("-5", "-2"):  # -1 = all games, 0 = none, n > 0 = the first n: nothing else
+        with pytest.raises(SystemExit, match=f"--eval-games={games}: expected -1 .all., 0 .none. or a positive count"):
+            sa.main(["--eval-games", games, "--out", str(tmp_path / "r3")])
     good = write_jsonl(tmp_path / "good.jsonl", [make_traj(2, seed=61), make_traj(3, seed=62)])
     used = tmp_path / "used"
     (used / "ckpt-000004").mkdir(parents=True)
@@ -922,7 +1069,7 @@ def test_alfworld_lists_140_seen_and_134_unseen_solvable_games():
 
 def test_errors_name_the_fix(tmp_path, monkeypatch):
     """Missing data, unknown env/split, a missing package and no WebShop server each give one actionable line."""
-    with pytest.raises(envs.EnvError, match="ALFWORLD_DATA"):
+    with pytest.raises(envs.EnvError, match="export ALFWORLD_DATA=.* or pass --env-data DIR"):
         envs.alfworld_data_dir(tmp_path / "nowhere")
     (tmp_path / "json_2.1.1" / "valid_seen").mkdir(parents=True)
     with pytest.raises(envs.EnvError, match="no solvable ALFWorld games"):
@@ -1040,6 +1187,136 @@ def test_sciworld_gold_path_reaches_score_100():
     env.close()
 
 
+# ----------------------------------------------------------------------------- HotpotQA (offline, distractor setting)
+
+QA_RECORD = {
+    "_id": "5a8b57f25542995d1e6f1371", "answer": "yes", "type": "comparison", "level": "hard",
+    "question": "Were Scott Derrickson and Ed Wood of the same nationality?",
+    "supporting_facts": [["Scott Derrickson", 0], ["Ed Wood", 0]],
+    "context": [["Ed Wood (film)", ["Ed Wood is a 1994 film.", " It stars Johnny Depp."]],
+                ["Scott Derrickson", ["Scott Derrickson is an American director.", " He lives in Los Angeles.",
+                                      " He directed Sinister.", " His films are horror films.",
+                                      " Sinister is his best-known horror film."]],
+                ["Woodson, Arkansas", ["Woodson is a place in Arkansas."]],
+                ["Ed Wood", ["Edward Davis Wood Jr. was an American filmmaker."]],
+                ["Tyler Bates", ["Tyler Bates is a composer."]], ["Adam Collis", ["Adam Collis is a filmmaker."]]],
+}
+
+
+def qa_env(tmp_path: Path, max_steps: int | None = None) -> envs.HotpotQAEnv:
+    """HotpotQAEnv over a one-question file, the question loaded and reset."""
+    path = tmp_path / "qa.json"
+    path.write_text(json.dumps([QA_RECORD]))
+    env = envs.make_env("hotpotqa", f"comparison:{QA_RECORD['_id']}", max_steps, data_dir=path)
+    env.reset()
+    return env
+
+
+def test_hotpotqa_splits_and_first_observation(tmp_path):
+    """The shared file splits 846/121/108 by the _id hash; the first observation is the question and the titles."""
+    assert [len(envs.list_games("hotpotqa", s)) for s in envs.HOTPOTQA_SPLITS] == [846, 121, 108]
+    assert {envs.task_type("hotpotqa", g) for g in envs.list_games("hotpotqa", "dev")} == {"bridge", "comparison"}
+    obs, info = qa_env(tmp_path).reset()
+    assert obs == (f"Question: {QA_RECORD['question']}\nParagraphs: Ed Wood (film) | Scott Derrickson | "
+                   "Woodson, Arkansas | Ed Wood | Tyler Bates | Adam Collis")
+    assert info["task_type"] == "comparison" and not info["won"]
+    with pytest.raises(envs.EnvError, match="HotpotQA data not found .*--env-data"):
+        envs.hotpotqa_data_path(tmp_path / "nowhere")
+    with pytest.raises(envs.EnvError, match="unknown HotpotQA split 'valid'"):
+        envs.list_games("hotpotqa", "valid")
+
+
+def test_hotpotqa_search_exact_normalised_fuzzy_and_not_found(tmp_path):
+    """search[...] opens the exact title first, then a case/punctuation-insensitive one, then the closest; else it
+    names up to 5 similar titles. It shows the paragraph's opening sentences only."""
+    env = qa_env(tmp_path)
+    assert env.step("search[Ed Wood]")[0] == "Ed Wood: Edward Davis Wood Jr. was an American filmmaker."
+    assert env.step("search[ed wood (FILM)]")[0].startswith("Ed Wood (film): Ed Wood is a 1994 film.")
+    assert env.step("search[Woodson Arkansas]")[0].startswith("Woodson, Arkansas:")
+    obs, reward, done, _ = env.step("search[Scot Derickson]")
+    assert obs == ("Scott Derrickson: Scott Derrickson is an American director. He lives in Los Angeles. "
+                   "He directed Sinister.") and (reward, done) == (0.0, False)  # 3 of its 5 sentences
+    obs = env.step("search[Quentin Tarantino]")[0]
+    assert obs.startswith("Could not find Quentin Tarantino. Similar: [") and obs.count("'") == 10
+
+
+def test_hotpotqa_lookup_next_match_and_none_left(tmp_path):
+    """lookup[kw] shows the open paragraph's next sentence holding kw, then says none are left; a new keyword or a
+    new search starts over; with no paragraph open it asks for a search."""
+    env = qa_env(tmp_path)
+    assert env.step("lookup[horror]")[0] == "No paragraph is open: search[entity] first."
+    env.step("search[Scott Derrickson]")
+    assert env.step("lookup[horror]")[0] == "(Result 1 / 2) His films are horror films."
+    assert env.step("lookup[HORROR]")[0] == "(Result 2 / 2) Sinister is his best-known horror film."
+    assert env.step("lookup[horror]")[0] == "No more results for horror in Scott Derrickson."
+    assert env.step("lookup[Sinister]")[0] == "(Result 1 / 2) He directed Sinister."
+    assert env.step("lookup[Depp]")[0] == "No more results for Depp in Scott Derrickson."
+
+
+def test_hotpotqa_finish_scores_em_and_f1_as_hotpotqa_does(tmp_path):
+    """EM and token F1 after SQuAD/HotpotQA normalisation (case, punctuation, articles), by hand; yes/no answers get
+    no partial credit; finish ends the episode with reward F1, won = EM; bad actions say what is allowed."""
+    assert envs.answer_scores("The Eiffel Tower!", "eiffel tower") == (1.0, 1.0)
+    em, f1 = envs.answer_scores("Eiffel Tower in Paris", "the Eiffel Tower")  # P = 2/4, R = 2/2
+    assert em == 0.0 and f1 == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+    assert envs.answer_scores("yes sir", "yes") == (0.0, 0.0) and envs.answer_scores("No.", "no") == (1.0, 1.0)
+    assert envs.answer_scores("", "Paris") == (0.0, 0.0)
+    env = qa_env(tmp_path)
+    for bad in ("search Ed Wood", "finish(yes)", "answer[yes]", "search[]"):
+        assert env.step(bad)[:3] == (envs.QA_INVALID, 0.0, False)
+    obs, reward, done, info = env.step("Finish[Yes.]")
+    assert (reward, done, info["em"], info["won"]) == (1.0, True, 1.0, True) and obs.startswith("Episode finished")
+    env = qa_env(tmp_path, max_steps=2)
+    assert [env.step("search[Ed Wood]")[2] for _ in range(2)] == [False, True]  # the step cap ends it, EM 0
+    assert not env.step("finish[no]")[3]["won"]
+
+
+def test_hotpotqa_expert_reaches_em_1_on_every_kept_training_question(tmp_path):
+    """build-expert keeps only plans that replay to EM 1 (all 846 train questions are accounted for), and every
+    kept trajectory, replayed again in a fresh environment, answers exactly; data.py loads the file."""
+    out = tmp_path / "train.jsonl"
+    counts = envs.build_expert("hotpotqa", "train", out)
+    assert counts["kept"] + sum(counts["dropped"].values()) == 846 and counts["kept"] > 800
+    recs = read(out)
+    assert len(recs) == counts["kept"]
+    env = envs.HotpotQAEnv()
+    for rec in recs:
+        env.load(rec["game_file"])
+        obs, _ = env.reset()
+        assert obs == rec["initial_observation"]
+        for i, step in enumerate(rec["steps"]):
+            obs, reward, done, info = env.step(step["action"])
+            assert obs == step["observation"] and done == (i == len(rec["steps"]) - 1)
+        assert info["em"] == reward == 1.0 and info["won"]
+    trajs = load_trajectories(out, "hotpotqa")
+    assert len(trajs) == len(recs) and {t.task_type for t in trajs} == {"bridge", "comparison"}
+    assert any(s.action.startswith("lookup[") for t in trajs for s in t.steps)
+
+
+def test_cli_runs_hotpotqa_end_to_end(tiny_dir, tmp_path, monkeypatch):
+    """`stepagent.py --env hotpotqa` with the tiny model: SFT, one cycle, then dev and test questions played through
+    the batched harness, each episode logged with its EM and gold answer, EM and F1 summarised per split."""
+    monkeypatch.setenv("STEPAGENT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="build-expert --env hotpotqa --split train --out .*train_expert.jsonl"):
+        default_expert_path("hotpotqa")
+    expert = tmp_path / "qa.jsonl"
+    envs.build_expert("hotpotqa", "train", expert, max_games=12)
+    out = tmp_path / "run"
+    res = sa.main(["--env", "hotpotqa", "--model", str(tiny_dir), "--data", str(expert), "--out", str(out),
+                   "--max-trajectories", "6", "--max-length", "4096", "--cycles", "1", "--inspect-trajectories", "2",
+                   "--steps-per-trajectory", "2", "--heldout-steps", "4", "--eval-games", "2", "--max-steps", "2",
+                   "--max-new-tokens", "8", "--eval-batch", "2"])
+    for split in ("dev", "test"):
+        recs = read(out / "eval" / "final" / f"{split}.jsonl")
+        assert len(recs) == 2 and {r["task_type"] for r in recs} == {"bridge", "comparison"}
+        for r in recs:
+            assert r["error"] is None and 1 <= r["steps"] <= 2 and r["task"].startswith("Question: ")
+            assert r["em"] in (0.0, 1.0) and r["gold_answer"] and r["won"] == (r["em"] == 1.0)
+        assert {"em", "reward", "success"} <= res["eval"][split].keys()
+    evals = [ln for ln in read_metrics(out) if ln["stage"] == "eval"]
+    assert {"eval/dev/em", "eval/dev/reward", "eval/test/success"} <= evals[-1].keys()
+
+
 # ----------------------------------------------------------------------------- batched evaluation
 
 
@@ -1108,6 +1385,54 @@ def test_engine_failure_and_hang_fail_one_episode_and_the_loop_goes_on(tmp_path,
     assert summary["errors"] == 3 and summary["n"] == 4
 
 
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is pid, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_engines_die_with_a_killed_evaluation(tmp_path, sig):
+    """kill -9 (or -15) of a live evaluation leaves no engine process behind: each would hold ~1 GB forever."""
+    import signal
+    import subprocess
+
+    script = ("import sys, time, envs\n"
+              "def act(hs):\n    time.sleep(0.3)\n    return ['Action: look'] * len(hs)\n"
+              "envs.evaluate('alfworld', 'valid_seen', act, sys.argv[1], n_games=3, batch_size=3, max_steps=40)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "e.jsonl")], cwd=Path(envs.__file__).parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(workers := _children(proc.pid)) < 3 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(workers) == 3, "the evaluation did not start its engines"
+    time.sleep(2)  # engines loading games and stepping
+    proc.send_signal(getattr(signal, sig))
+    proc.wait()
+    deadline = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    survivors = [w for w in workers if _alive(w)]
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    assert not survivors
+
+
 def test_evaluate_resumes_where_it_stopped(tmp_path):
     """Rerunning with the same out_jsonl plays only the games not yet recorded; the summary covers all of them."""
     out = tmp_path / "e.jsonl"
@@ -1122,6 +1447,9 @@ def test_evaluate_resumes_where_it_stopped(tmp_path):
 
     summary = envs.evaluate("alfworld", "valid_seen", act, out, n_games=3, batch_size=2, max_steps=10)
     assert set(played) == {FIRST_SEEN[2]} and summary["n"] == 3 and summary["success"] == 1.0
+    assert sorted(r["game"] for r in read(out)) == sorted(FIRST_SEEN)  # the torn tail was cut: every line reads
+    played.clear()
+    assert envs.evaluate("alfworld", "valid_seen", act, out, n_games=3, max_steps=10)["n"] == 3 and not played
     with pytest.raises(envs.EnvError, match="max_steps=10, not 20"):
         envs.evaluate("alfworld", "valid_seen", act, out, n_games=3, max_steps=20)
 

@@ -3,10 +3,12 @@
     python bench/bench.py            # full: tiny model + embedded SmolLM2-135M (~6-10 min on a 2-core CPU)
     python bench/bench.py --quick    # tiny sizes, tiny model only (< 2 min)
     python bench/bench.py --gpu      # adds row 4 (MFU, bf16 vs fp16+GradScaler) when CUDA is available
+    python bench/bench.py --rows 4   # row 4 alone (135M and 1B shapes, old vs new path; ~5 min on one H100)
 
 1. reflection step: one-pass tree packing vs the pairwise layout (and TRL's DPOTrainer concatenated forward);
 2. inspection: batched generation vs one prefix at a time; 3. evaluation: parallel ALFWorld games vs one at a time;
-4. (--gpu) MFU of SFT and reflection steps. Table to stdout, JSON to bench/results-<device>.json (or --out).
+4. (--gpu) MFU, tokens/s and peak memory of SFT and reflection steps, old vs new path.
+Table to stdout, JSON to bench/results-<device>.json (or --out).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -57,11 +60,15 @@ class Sizes:
     games: int = 4  # valid_seen games per evaluation
     eval_batch: int = 4
     max_steps: int = 8  # turns per game: the KV cache gains more the longer the histories grow
-    gpu_trajectories: int = 8  # row 4: trajectories per SFT / reflection step (one packed forward)
+    gpu_trajectories: int = 8  # row 4: median trajectories per SFT / reflection step
+    gpu_models: tuple[str, ...] = ("135m", "1b")  # row 4: random-init Llama shapes from GPU_MODELS
+    gpu_tokens_per_batch: int = 16384  # row 4, new path: --tokens-per-batch (real tokens per packed row)
+    gpu_repeats: int = 3  # row 4: timed steps per setting, after one warm-up step
 
 
 QUICK = Sizes(models=("tiny",), trajectories={"tiny": 1}, quantile={"tiny": 0.0}, repeats={"tiny": 1},
-              prefixes={"tiny": 8}, new_tokens=8, gen_batch=4, games=2, eval_batch=2, max_steps=2, gpu_trajectories=4)
+              prefixes={"tiny": 8}, new_tokens=8, gen_batch=4, games=2, eval_batch=2, max_steps=2, gpu_trajectories=4,
+              gpu_models=("135m",), gpu_repeats=2)
 
 
 # ---------------------------------------------------------------------------- models, data, timing
@@ -72,17 +79,24 @@ def runtime() -> stepagent.Runtime:
     return stepagent.setup_runtime(stepagent.Config())
 
 
-def load_model(name: str, rt: stepagent.Runtime, wide: bool = False):
-    """'135m': the embedded checkpoint; 'tiny': a seeded random Llama over SmolLM2's vocabulary (4 x 256; `wide`:
-    12 x 768 = 123M params for row 4). Every process builds the same tiny weights."""
+GPU_MODELS = {  # Llama shapes (layers, hidden, MLP, heads, KV heads) for random-init models
+    "tiny": (4, 256, 1024, 4, 4),
+    "135m": (30, 576, 1536, 9, 3),  # SmolLM2-135M's config.json
+    "1b": (16, 2048, 8192, 32, 8),  # Llama-3.2-1B's shape over SmolLM2's 49k vocabulary: 1.07B parameters
+}
+
+
+def load_model(name: str, rt: stepagent.Runtime, random_init: bool = False):
+    """'135m': the embedded checkpoint (random_init: its shape, random weights); 'tiny' and the other GPU_MODELS: a
+    seeded random Llama over SmolLM2's vocabulary. Every process builds the same random weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    if name == "135m":
+    if name == "135m" and not random_init:
         return stepagent.load_policy(stepagent.EMBEDDED_ID, rt)
     tok = AutoTokenizer.from_pretrained(str(stepagent.embedded_checkpoint()))
-    d, layers, ff = (768, 12, 2048) if wide else (256, 4, 1024)
+    layers, d, ff, heads, kv = GPU_MODELS[name]
     config = LlamaConfig(vocab_size=len(tok), hidden_size=d, intermediate_size=ff, num_hidden_layers=layers,
-                         num_attention_heads=d // 64, num_key_value_heads=d // 64, max_position_embeddings=8192,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=8192,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(rt.device), tok
@@ -295,7 +309,7 @@ def evaluation_row(name: str, acts: dict, sizes: Sizes, data_dir: str) -> dict:
             "same_actions": {k: sum(a == b for a, b in zip(first, o[1])) / len(first) for k, o in outs.items()}}
 
 
-# ---------------------------------------------------------------------------- 4. GPU: MFU, bf16 vs fp16 + GradScaler
+# ---------------------------------------------------------------------------- 4. GPU: MFU, old vs new path, bf16/fp16
 
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
                "A10G": 125.0, "L4": 121.0}  # dense bf16 TFLOP/s from the vendors' data sheets
@@ -306,62 +320,91 @@ def step_flops(model, packed: dict, train: bool) -> float:
     attended (query, key) pair; x3 with the backward. Masked-out and padding pairs are not counted."""
     c = model.config
     n_body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
-    if "allow" in packed:
-        attended = int(packed["allow"].sum())
-    else:
+    if "attention_mask" in packed:
         attended = sum(n * (n + 1) // 2 for n in packed["attention_mask"].sum(1).tolist())
+    else:  # the dense boolean form of the tree/document mask (the sdpa form; these Llamas have no window)
+        dense = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="sdpa", sliding_window=None))
+        attended = int(stepagent.tree_mask(dense, packed).sum())
     fwd = 2 * n_body * packed["tokens"] + 2 * c.hidden_size * c.vocab_size * len(packed["preds"])
     return (fwd + 4 * c.num_hidden_layers * c.hidden_size * attended) * (3 if train else 1)
 
 
+def tree_packs(encs: list, groups: list, micro: list[list], one_row: bool, dev) -> list[dict]:
+    """The packed forwards pair_logps builds for each micro-batch of (row, items) groups (for FLOP counts)."""
+    return [stepagent.run_pack([encs[r] for r, _ in mb], [sorted({i.t for i in its}) for _, its in mb],
+                               [[stepagent.Branch(encs[r].action_spans[i.t][0], i.agent_ids) for i in its]
+                                for r, its in mb], "tree", dev, one_row) for mb in micro]
+
+
 def gpu_rows(sizes: Sizes, data_dir: str, peak_tflops: float, device: str = "cuda") -> dict:
-    """MFU of an SFT step and of a tree-packed reflection step on a 123M Llama, bf16 autocast vs fp16 + GradScaler."""
-    dev = torch.device(device)
-    base = stepagent.Runtime(dev, torch.float32)
-    model, tok = load_model("tiny", base, wide=True)
-    encs = expert_set(tok, data_dir, sizes.gpu_trajectories, 0.5)
-    groups = agent_items(tok, encs)
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    model.train()
-    sft_pack = stepagent.pack_tree(encs, [list(range(len(e.action_spans))) for e in encs], [[] for _ in encs], dev)
-    tree_pack = stepagent.pack_tree(encs, [[i.t for i in its] for _, its in groups],
-                                    [[stepagent.Branch(encs[r].action_spans[i.t][0], i.agent_ids) for i in its]
-                                     for r, its in groups], dev)  # what pair_logps builds for all rows at once
-    flops = {"sft": step_flops(model, sft_pack, True),
-             "reflect": step_flops(model, tree_pack, True) + step_flops(model, tree_pack, False)}
+    """Row 4: SFT and implicit-reflection steps over gpu_trajectories median trajectories, on the old path (sdpa with
+    dense masks, one row per trajectory padded to the longest, AdamW) and the new one (--tokens-per-batch rows, the
+    FlexAttention BlockMask, fused AdamW), in bf16 and fp16 + GradScaler: MFU, tokens/s and peak memory."""
+    dev, out = torch.device(device), {"peak_tflops": peak_tflops}
+    cuda = dev.type == "cuda"
+    for name in sizes.gpu_models:
+        model, tok = load_model(name, stepagent.Runtime(dev, torch.float32), random_init=True)
+        encs = expert_set(tok, data_dir, sizes.gpu_trajectories, 0.5)
+        groups = agent_items(tok, encs)
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        params = list(model.parameters())
+        n_tok = sum(e - s for enc in encs for s, e in enc.action_spans)
+        tree_sizes = [max(enc.action_spans[i.t][1] for i in its) + sum(len(i.agent_ids) for i in its)
+                      for enc, (_, its) in zip(encs, groups)]
+        out[name] = {"params_M": sum(p.numel() for p in params) / 1e6}
+        for path in ("old", "new"):
+            budget = sizes.gpu_tokens_per_batch if path == "new" else 0
+            one_row = budget > 0
+            attn = "flex_attention" if path == "new" and cuda else "sdpa"  # FlexAttention has no CPU backward
+            model.set_attn_implementation(attn)
+            ref.set_attn_implementation(attn)
+            opt = torch.optim.AdamW(params, lr=1e-5, fused=path == "new" and cuda)
+            sft_micro = stepagent.token_batches(encs, [e.action_spans[-1][1] for e in encs], budget, len(encs))
+            sft_packs = [stepagent.pack_tree(mb, [list(range(len(e.action_spans))) for e in mb], [[] for _ in mb],
+                                             dev, one_row) for mb in sft_micro]
+            ref_micro = stepagent.token_batches(groups, tree_sizes, budget, len(groups))
+            packs = tree_packs(encs, groups, ref_micro, one_row, dev)
+            flops = {"sft": sum(step_flops(model, p, True) for p in sft_packs),
+                     "reflect": sum(step_flops(model, p, True) + step_flops(model, p, False) for p in packs)}
+            tokens = {"sft": sum(p["tokens"] for p in sft_packs), "reflect": 2 * sum(p["tokens"] for p in packs)}
 
-    def sft(rt):
-        with rt.autocast():
-            loss = stepagent.nll_loss(stepagent.action_logps(model, sft_pack)["tok_logp"])
-        stepagent.optimizer_step(loss, opt, rt, params, 1.0)
+            def sft(rt):
+                for m, packed in enumerate(sft_packs):
+                    with rt.autocast():
+                        loss = stepagent.nll_loss(stepagent.action_logps(model, packed)["tok_logp"], n_tok)
+                    stepagent.optimizer_step(loss, opt, rt, params, 1.0, accumulate=m < len(sft_packs) - 1)
 
-    def reflect(rt):  # all trajectories in one tree-packed forward (one row each)
-        with torch.no_grad():
-            lr = stepagent.pair_logps(ref, encs, groups, "tree", rt)
-        lp = stepagent.pair_logps(model, encs, groups, "tree", rt)
-        loss, _ = stepagent.implicit_reward_loss(lp["logp_e"], lp["logp_a"], lr["logp_e"], lr["logp_a"], BETA)
-        stepagent.optimizer_step(loss, opt, rt, params, 1.0)
+            def reflect(rt):  # as reflect_implicit: π_ref's log-probs first, then π_θ and L_imp per micro-batch
+                n_pairs = sum(len(its) for _, its in groups)
+                with torch.no_grad():
+                    refs = [stepagent.pair_logps(ref, encs, mb, "tree", rt, one_row=one_row) for mb in ref_micro]
+                for m, (mb, lr) in enumerate(zip(ref_micro, refs)):
+                    lp = stepagent.pair_logps(model, encs, mb, "tree", rt, one_row=one_row)
+                    loss, _ = stepagent.implicit_reward_loss(lp["logp_e"], lp["logp_a"], lr["logp_e"], lr["logp_a"],
+                                                             BETA)
+                    weight = sum(len(its) for _, its in mb) / n_pairs
+                    stepagent.optimizer_step(loss * weight, opt, rt, params, 1.0, accumulate=m < len(ref_micro) - 1)
 
-    fns = {}
-    precisions = {"bf16": torch.bfloat16, "fp16": torch.float16} if dev.type == "cuda" else {"fp32": torch.float32}
-    for prec, dtype in precisions.items():  # fp32 only when this is called on a CPU to check the code path
-        rt = stepagent.Runtime(dev, dtype, scaler=torch.amp.GradScaler("cuda") if prec == "fp16" else None)
-        for kind, fn in (("sft", sft), ("reflect", reflect)):
-            fn(rt)  # warm-up
-            fns[f"{kind}/{prec}"] = lambda fn=fn, rt=rt: (fn(rt), now(rt))
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, _, _ = interleaved(fns, 4)  # A B C D D C B A ..: the precisions take turns
-    out = {"params_M": sum(p.numel() for p in params) / 1e6, "peak_tflops": peak_tflops, "peak_mb": peak_mb(base),
-           "tokens": {"sft": sft_pack["tokens"], "reflect": 2 * tree_pack["tokens"]}}
-    for key, ts in times.items():
-        sec, f = statistics.median(ts), flops[key.split("/")[0]]
-        mfu = f / sec / peak_tflops / 1e12 if peak_tflops else None
-        out[key] = {"seconds": sec, "tflops": f / sec / 1e12, "mfu": mfu}
-    if dev.type == "cuda":
-        out["fp16_over_bf16_time"] = {k: out[f"{k}/fp16"]["seconds"] / out[f"{k}/bf16"]["seconds"] for k in flops}
+            precisions = {"bf16": torch.bfloat16, "fp16": torch.float16} if cuda else {"fp32": torch.float32}
+            for prec, dtype in precisions.items():  # fp32 only when called on a CPU to check the code path
+                rt = stepagent.Runtime(dev, dtype, scaler=torch.amp.GradScaler("cuda") if prec == "fp16" else None)
+                for kind, fn in (("sft", sft), ("reflect", reflect)):
+                    fn(rt)  # warm-up: kernels, FlexAttention compilation for these shapes, AdamW state
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    t0 = now(rt)
+                    for _ in tqdm(range(sizes.gpu_repeats), desc=f"row 4 {name} {path} {kind} {prec}", leave=False):
+                        fn(rt)
+                    sec = (now(rt) - t0) / sizes.gpu_repeats
+                    out[name][f"{path}/{kind}/{prec}"] = {
+                        "seconds": sec, "tflops": flops[kind] / sec / 1e12, "tokens_per_s": tokens[kind] / sec,
+                        "mfu": flops[kind] / sec / peak_tflops / 1e12 if peak_tflops else None,
+                        "peak_mb": peak_mb(rt),
+                        "rows": sum(p["input_ids"].shape[0] for p in (sft_packs if kind == "sft" else packs)),
+                        "tokens": tokens[kind], "attn": attn}
+        del model, ref, opt
+        if cuda:
+            torch.cuda.empty_cache()
     return out
 
 
@@ -400,14 +443,18 @@ def table(res: dict, sizes: Sizes) -> str:
                     speedup = r["speedup"][k]
                 ratio = "baseline" if k == "B=1" else f"{speedup:.2f}x the B=1 rate{check}"
                 lines.append(f"| {label} | {name} | {k} | {work} | {v:.2f} {unit} | | {ratio} |")
-    gpu = res.get("gpu", {})
-    for key, r in gpu.items():
-        if isinstance(r, dict) and "mfu" in r:
+    for name, m in res.get("gpu", {}).items():
+        for key, r in (m.items() if isinstance(m, dict) else []):
+            if not isinstance(r, dict):
+                continue
+            path, kind, prec = key.split("/")
             mfu = f"MFU {r['mfu']:.1%}" if r["mfu"] is not None else "MFU n/a (pass --peak-tflops)"
-            if key.endswith("fp16"):
-                mfu += f"; {gpu['fp16_over_bf16_time'][key.split('/')[0]]:.2f}x the bf16 time"
-            lines.append(f"| 4 GPU | {gpu['params_M']:.0f}M | {key} | {r['tflops']:.3g} TFLOP/s | "
-                         f"{r['seconds']:.3f} s/step | {gpu['peak_mb']:,.0f} MB (all four) | {mfu} |")
+            if path == "new":
+                mfu += f"; {m[f'old/{kind}/{prec}']['seconds'] / r['seconds']:.2f}x the old path's speed"
+            lines.append(f"| 4 GPU | {name} ({m['params_M']:.0f}M) | {kind} {prec}, {path} path ({r['attn']}, "
+                         f"{r['rows']} rows) | {r['tokens']:,} tok/step, {r['tflops']:.3g} TFLOP/s | "
+                         f"{r['seconds']:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s | {r['peak_mb']:,.0f} MB | "
+                         f"{mfu} |")
     return "\n".join(lines)
 
 
@@ -428,10 +475,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.child:
         print(RESULT + json.dumps(reflection_child(json.loads(args.child))), flush=True)
         return None
-    for need in (Path(args.data) / "expert" / "train_planner.json", Path(args.data) / "json_2.1.1"):
+    sizes, rows = QUICK if args.quick else Sizes(), {int(r) for r in args.rows.split(",") if r}
+    games = [Path(args.data) / "json_2.1.1"] if 3 in rows else []  # row 4 reads only the expert trajectories
+    for need in [Path(args.data) / "expert" / "train_planner.json", *games]:
         if not need.exists():
             raise SystemExit(f"error: {need} not found: pass --data DIR or export ALFWORLD_DATA (alfworld-download)")
-    sizes, rows = QUICK if args.quick else Sizes(), {int(r) for r in args.rows.split(",") if r}
     for kv in args.size:
         k, _, v = kv.partition("=")
         if k not in Sizes.__dataclass_fields__:
