@@ -45,6 +45,7 @@ BANNER = re.compile(r"\A\s*-= Welcome to TextWorld.*?=-\s*")
 ARRIVE = re.compile(r"\AYou arrive at loc \d+\.\s*")
 ACTION = re.compile(r"Action:\s*(\S.*)")
 THOUGHT = re.compile(r"\A\s*Thought:\s*", re.IGNORECASE)
+FINAL_ACTION = re.compile(r"Action:\s*\S.*\n")  # ACTION's first match, followed by the end of its line
 
 SYSTEM_PROMPTS = {
     "alfworld": "Interact with a household to solve a task. Commands: go to X, open X, close X, take X from Y, "
@@ -77,6 +78,12 @@ def parse_action(reply: str) -> str:
         return m.group(1).strip()
     first = next((line.strip() for line in reply.splitlines() if line.strip()), "")
     return reply.strip() if THOUGHT.match(first) else first
+
+
+def action_is_final(reply: str) -> bool:
+    """True once more text cannot change parse_action(reply) or the thought before it: the first "Action:" line has
+    ended. (A bare command's first line can still be overridden by a later "Action:" line, so it never is.)"""
+    return bool(FINAL_ACTION.search(reply))
 
 
 def normalize_action(text: str) -> str:

@@ -500,6 +500,7 @@ HOTPOTQA_FILE = "hotpot_distractor.json"
 SEARCH_SENTENCES = 3
 QA_ACTION = re.compile(r"(search|lookup|finish)\[(.*)\]", re.IGNORECASE)
 QA_INVALID = "Invalid action: reply with exactly one of search[entity], lookup[keyword], finish[answer]."
+# Question words too common to look a sentence up by: the expert's lookup keywords skip them.
 QA_STOPWORDS = frozenset("what which where when whom whose with from that this these those than then there their they "
                          "were have does also into about after before both same other many much more most".split())
 
@@ -893,7 +894,7 @@ class _Worker:
         self.deadline, self.crashed, self.games = 0.0, "", 0
 
     def send(self, cmd: str, arg: object, timeout: float) -> None:
-        self.deadline = time.monotonic() + timeout
+        self.deadline, self.timeout = time.monotonic() + timeout, timeout
         try:
             self.conn.send((cmd, arg))
             self.crashed = ""
@@ -913,21 +914,15 @@ class _Worker:
         self.conn.close()
 
 
-def _gather(workers: list[_Worker], timeout: float, first: bool = False) -> dict[int, tuple[bool, object]]:
+def _gather(workers: list[_Worker], first: bool = False, block: bool = True) -> dict[int, tuple[bool, object]]:
     """Answers of workers that were sent a command: {index: (ok, result or error message)}. An answer missing at
-    the worker's deadline reads as a timeout error. first=True returns as soon as any answer (or timeout) is in."""
+    the worker's deadline reads as a timeout error (one already in the pipe never does). first=True returns as soon
+    as any answer (or timeout) is in; block=False only takes what is there now."""
     out = {i: (False, w.crashed) for i, w in enumerate(workers) if w.crashed}
     waiting = {i: w for i, w in enumerate(workers) if not w.crashed}
     while waiting and not (first and out):
-        now = time.monotonic()
-        for i, w in list(waiting.items()):
-            if w.deadline <= now:
-                out[i] = (False, f"TimeoutError: no answer from the engine in {timeout:g} s")
-                del waiting[i]
-        if not waiting or (first and out):
-            break
-        next_deadline = min(w.deadline for w in waiting.values())
-        ready = wait_conns([w.conn for w in waiting.values()], max(0.0, next_deadline - now))
+        wait_s = max(0.0, min(w.deadline for w in waiting.values()) - time.monotonic()) if block else 0.0
+        ready = wait_conns([w.conn for w in waiting.values()], wait_s)
         for i, w in list(waiting.items()):
             if w.conn in ready:
                 try:
@@ -936,6 +931,11 @@ def _gather(workers: list[_Worker], timeout: float, first: bool = False) -> dict
                 except (EOFError, OSError):
                     out[i] = (False, f"EnvCrash: the engine process died (exit code {w.proc.exitcode})")
                 del waiting[i]
+            elif w.deadline <= time.monotonic():
+                out[i] = (False, f"TimeoutError: no answer from the engine in {w.timeout:g} s")
+                del waiting[i]
+        if not block:
+            break
     return out
 
 
@@ -1072,8 +1072,8 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
 
         try:
             while todo or any(episodes):
-                # 1. start a game in every free slot (the engines load in parallel)
-                starting = []
+                # 1. start a game in every free slot; the engines load in parallel, and while the policy plays the
+                #    live episodes: a loading game (1-2 s) joins the turn after it is ready, and holds up no one
                 for i in range(n_slots):
                     if episodes[i] is None and todo:
                         game = todo.popleft()
@@ -1081,8 +1081,9 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
                         episodes[i] = {"game": game, "task_type": task_type(env, game), "task": "", "transcript": [],
                                        "won": False, "reward": 0.0, "history": None, "t0": time.monotonic()}
                         workers[i].send("start", game, start_timeout)
-                        starting.append(i)
-                for j, (ok, out) in _gather([workers[i] for i in starting], start_timeout).items():
+                starting = [i for i in range(n_slots) if episodes[i] is not None and episodes[i]["history"] is None]
+                playing = len(starting) < sum(ep is not None for ep in episodes)
+                for j, (ok, out) in _gather([workers[i] for i in starting], block=not playing).items():
                     i, ep = starting[j], episodes[starting[j]]
                     if not ok:
                         finish(i, error=out)
@@ -1090,7 +1091,7 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
                     ep["task"], ep["task_type"] = out[0], out[1]["task_type"]
                     ep["history"] = Trajectory(id=ep["game"], task=out[0], steps=[], env=env,
                                                task_type=ep["task_type"], game_file=ep["game"])
-                live = [i for i in range(n_slots) if episodes[i] is not None]
+                live = [i for i in range(n_slots) if episodes[i] is not None and episodes[i]["history"] is not None]
                 if not live:
                     continue
                 # 2. one policy call for every live episode
@@ -1103,7 +1104,7 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
                 for i, reply in zip(live, replies):
                     episodes[i]["reply"], episodes[i]["action"] = reply, parse_action(reply)
                     workers[i].send("step", episodes[i]["action"], step_timeout)
-                for j, (ok, out) in _gather([workers[i] for i in live], step_timeout).items():
+                for j, (ok, out) in _gather([workers[i] for i in live]).items():
                     i, ep = live[j], episodes[live[j]]
                     if not ok:
                         finish(i, error=out)
@@ -1160,7 +1161,7 @@ def build_expert(env: str, split: str, out: str | Path, data_dir: str | Path | N
                         busy[i] = todo.popleft()
                         pool[i].send("expert", busy[i], game_timeout)
                 ids = sorted(busy)
-                for j, (ok, rec) in _gather([pool[i] for i in ids], game_timeout, first=True).items():
+                for j, (ok, rec) in _gather([pool[i] for i in ids], first=True).items():
                     i = ids[j]
                     game = busy.pop(i)
                     pool[i].games += 1

@@ -118,7 +118,7 @@ class Config:
     heldout_steps: int = 64  # fixed held-out expert steps for agreement / log π(â|h) after every cycle
     eval_games: int = 0  # games per eval split (0 = no evaluation, -1 = all: 140 seen / 134 unseen)
     eval_splits: str = ""  # comma-separated (default: valid_seen,valid_unseen; sciworld: dev,test; webshop: test)
-    eval_batch: int = 8  # environments played in parallel
+    eval_batch: int = 0  # environments played in parallel (0 = from the machine: see auto_eval_batch)
     eval_cache: bool = True  # keep each episode's KV cache across turns (--no-eval-cache: re-encode every turn)
     eval_every: int = 0  # also evaluate after every N cycles (0 = only at the end)
     max_steps: int = 0  # turns per episode (0 = env's: ALFWorld 40 as ETO, IPR 20; ScienceWorld ETO's per task; QA 7)
@@ -140,6 +140,7 @@ class Config:
                   ("val-fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
                   ("max-length", self.max_length >= 16, ">= 16"),
                   ("eval-games", self.eval_games >= -1, "-1 (all), 0 (none) or a positive count"),
+                  ("eval-batch", self.eval_batch >= 0, ">= 0 (0: from the machine)"),
                   ("baseline", not (self.baseline == "group" and self.samples_per_step < 2), "value when K = 1")]
         checks.append(("env", self.env in EVAL_SPLITS, " or ".join(EVAL_SPLITS)))
         self.eval_splits = self.eval_splits or EVAL_SPLITS.get(self.env, "")
@@ -160,7 +161,7 @@ PRESETS: dict[str, dict] = {
     # What a 7-8B run uses (ETO's SFT recipe: lr 2e-5, 3 epochs, 3% warm-up, cosine; DPO-style β 0.1, lr 1e-6).
     "paper": dict(max_length=4096, epochs=3, lr=2e-5, batch_size=2, grad_accum=16, cycles=3, reflect_lr=1e-6,
                   reflect_batch=8, samples_per_step=1, temperature=1.0, heldout_steps=256, eval_games=-1,
-                  eval_batch=16, gen_batch_size=32, max_new_tokens=64),
+                  gen_batch_size=32, max_new_tokens=64),
     "none": {},
 }
 
@@ -183,7 +184,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
     values = {k: v for k, v in vars(args).items()}
     for k, v in PRESETS[args.preset].items():
-        if k not in given:
+        cap = envs.DEFAULT_MAX_STEPS.get(values["env"])
+        if k not in given and not (k == "max_steps" and cap and cap < v):  # presets never lengthen an env's cap (QA: 7)
             values[k] = v
     return Config(**values)
 
@@ -1000,12 +1002,12 @@ class PrefixCachedPolicy:
         fwd = signature(model.forward).parameters  # newer transformers: `cache`, older: `past_key_values`
         self.cache_kw = "cache" if "cache" in fwd else "past_key_values"
 
-    def _forward(self, ids: list[list[int]], cache, **kw) -> torch.Tensor:
-        """One forward over new tokens after the cached ones (the cache grows in place); the last position's logits."""
+    def _forward(self, ids: list[list[int]], cache, keep: int | torch.Tensor = 1, **kw) -> torch.Tensor:
+        """One forward over new tokens after the cached ones (the cache grows in place); logits at `keep`."""
         with self.rt.autocast():
-            out = self.model(input_ids=torch.tensor(ids, device=self.rt.device), use_cache=True, logits_to_keep=1,
+            out = self.model(input_ids=torch.tensor(ids, device=self.rt.device), use_cache=True, logits_to_keep=keep,
                              **{self.cache_kw: cache}, **kw)
-        return out.logits[:, -1].float()
+        return out.logits.float()
 
     @staticmethod
     def _cache(kv: list):
@@ -1022,55 +1024,80 @@ class PrefixCachedPolicy:
         self.model.eval()
         dev, B = self.rt.device, len(histories)
         prompts = [data.encode_prompt(self.tok, h, len(h.steps)) for h in histories]
-        # 1. prefill, one episode at a time: only the tokens after the longest prefix the cache already holds
-        kvs, first, seen = [], [], set()
+        # 1. what each episode's cache can keep: the longest common prefix of the ids it holds and the new prompt
+        held, n, seen = [], [], set()
         for h, ids in zip(histories, prompts):
-            held, kv = self.caches.get(h.id, ([], [])) if h.id not in seen else ([], [])
+            ids_held, kv = self.caches.get(h.id, ([], [])) if h.id not in seen else ([], [])
             seen.add(h.id)
-            n = next((j for j, (a, b) in enumerate(zip(held, ids)) if a != b), min(len(held), len(ids)))
-            n = min(n, len(ids) - 1)  # at least one prompt token goes through the model
-            cache = self._cache([(k[..., :n, :], v[..., :n, :]) for k, v in kv] if n else [])
-            first.append(int(self._forward([ids[n:]], cache)[0].argmax()))
-            kvs.append([(layer.keys, layer.values) for layer in cache.layers])
-        # 2. decode all episodes together: caches left-padded to the longest prompt, the padding masked out
-        lens = torch.tensor([len(p) for p in prompts], device=dev)
-        L = int(lens.max())
-        pad = [(0, 0, L - len(p), 0) for p in prompts]  # (head dim, sequence) padding of each episode's K and V
-        cache = self._cache([tuple(torch.cat([F.pad(kvs[i][layer][j], pad[i]) for i in range(B)]) for j in (0, 1))
-                             for layer in range(len(kvs[0]))])
-        mask = (torch.arange(L, device=dev)[None] >= (L - lens)[:, None]).long()
-        new = [[t] for t in first]
-        live = [t not in self.eos for t in first]
+            k = next((j for j, (a, b) in enumerate(zip(ids_held, ids)) if a != b), min(len(ids_held), len(ids)))
+            held.append(kv)
+            n.append(min(k, len(ids) - 1))  # at least one prompt token goes through the model
+        # 2. one prefill for all: kept K/V left-padded to S columns, then the new tokens right-padded to M; the
+        #    padding is masked out and position_ids continue each episode's own positions
+        S, new = max(n), [ids[k:] for ids, k in zip(prompts, n)]
+        M, lens = max(map(len, new)), torch.tensor([len(p) for p in prompts], device=dev)
+        cache = self._cache([])
+        if S:
+            like = next(kv for kv, k in zip(held, n) if k)  # any kept cache gives the (1, heads, ·, dim) shapes
+            cache = self._cache([tuple(torch.cat([F.pad(held[i][layer][j][..., :n[i], :], (0, 0, S - n[i], 0))
+                                                  if n[i] else like[layer][j].new_zeros(*like[layer][j].shape[:2], S,
+                                                                                        like[layer][j].shape[3])
+                                                  for i in range(B)]) for j in (0, 1)) for layer in range(len(like))])
+        col = torch.arange(S + M, device=dev)[None]
+        k_t, m_t = torch.tensor(n, device=dev)[:, None], torch.tensor(list(map(len, new)), device=dev)[:, None]
+        mask = ((col >= S - k_t) & (col < S + m_t)).long()  # (B, S + M)
+        last = sorted({len(x) - 1 for x in new})  # the columns whose logits are read: each episode's last prompt token
+        logits = self._forward([x + [0] * (M - len(x)) for x in new], cache, torch.tensor(last, device=dev),
+                               position_ids=k_t + torch.arange(M, device=dev)[None], attention_mask=mask)
+        first = logits[range(B), [last.index(len(x) - 1) for x in new]].argmax(-1).tolist()
+        # 3. decode all episodes together, until each reply ends (an end token, or its action can no longer change)
+        replies = [[t] for t in first]
+        live = [t not in self.eos and not self._final([t]) for t in first]
         for s in range(1, self.max_new_tokens):
             if not any(live):
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            logits = self._forward([[ts[-1]] for ts in new], cache, attention_mask=mask,
+            logits = self._forward([[ts[-1]] for ts in replies], cache, attention_mask=mask,
                                    position_ids=(lens + s - 1)[:, None])  # each episode's own next position
-            for i, t in enumerate(logits.argmax(-1).tolist()):
+            for i, t in enumerate(logits[:, -1].argmax(-1).tolist()):
                 if live[i]:
-                    new[i].append(t)
-                    live[i] = t not in self.eos
-        # 3. keep each episode's own cache: its prompt and the reply tokens fed back (all but the last)
+                    replies[i].append(t)
+                    live[i] = t not in self.eos and not self._final(replies[i])
+        # 4. keep each episode's own cache: its prompt and the reply tokens fed back (all but the last)
         self.caches = {}
         for i, (h, ids) in enumerate(zip(histories, prompts)):
-            keep = slice(L - len(ids), L + len(new[i]) - 1)
-            self.caches[h.id] = (ids + new[i][:-1], [(layer.keys[i:i + 1, :, keep], layer.values[i:i + 1, :, keep])
-                                                     for layer in cache.layers])
-        return [self.tok.decode(ts, skip_special_tokens=True).strip() for ts in new]
+            keep = torch.cat([torch.arange(S - n[i], S + len(new[i])),  # kept K/V and new prompt tokens, reply
+                              torch.arange(S + M, S + M + len(replies[i]) - 1)])
+            self.caches[h.id] = (ids + replies[i][:-1], [(layer.keys[i:i + 1, :, keep], layer.values[i:i + 1, :, keep])
+                                                         for layer in cache.layers])
+        return [self.tok.decode(ts, skip_special_tokens=True).strip() for ts in replies]
+
+    def _final(self, reply: list[int]) -> bool:
+        """The reply's action (and thought) can no longer change: stop decoding it (its text is checked at newlines)."""
+        return "\n" in self.tok.decode(reply[-1:]) and data.action_is_final(self.tok.decode(reply))
+
+
+def auto_eval_batch(rt: Runtime) -> int:
+    """--eval-batch 0. CPU: the policy is the limit, and a decode step's cost grows slowly with its rows (the weights
+    are read once), so 4 per core (bench row 3). CUDA: the engines are the limit, and they mostly wait for the policy,
+    so 4 per core, up to 64. Both within memory: an ALFWorld engine holds up to ~1.4 GB (issue 12's measurement)."""
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 16
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(2, min(4 * cores, 64 if rt.device.type == "cuda" else 32, int(ram_gb / 1.5)))
 
 
 def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
     """Evaluation (paper: experiments): play the real environment's held-out games; success per split and task type."""
     if not cfg.eval_games or not rt.is_main:
         return {}
-    summaries = {}
+    summaries, batch = {}, cfg.eval_batch or auto_eval_batch(rt)
+    print0(rt, f"evaluation: {batch} games at a time" + ("" if cfg.eval_batch else " (--eval-batch 0: from the machine)"))
     for split in [s for s in cfg.eval_splits.split(",") if s]:
         out = run.dir / "eval" / tag / f"{split}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         games = envs.spread_games(cfg.env, envs.list_games(cfg.env, split, cfg.env_data or None),
                                   None if cfg.eval_games < 0 else cfg.eval_games)  # a handful covers every task type
-        summaries[split] = envs.evaluate(cfg.env, split, make_act_fn(cfg, rt, model, tok), out, None, cfg.eval_batch,
+        summaries[split] = envs.evaluate(cfg.env, split, make_act_fn(cfg, rt, model, tok), out, None, batch,
                                          cfg.max_steps or None, data_dir=cfg.env_data or None, games=games)
     table = envs.format_summary(summaries)
     cap = cfg.max_steps or envs.DEFAULT_MAX_STEPS[cfg.env] or "per-task"
@@ -1125,9 +1152,9 @@ class Run:
         rng = dict(python=random.getstate(), numpy=np_state, torch=torch.get_rng_state(),
                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
         scaler = {"scaler": self.rt.scaler.state_dict()} if self.rt.scaler else {}
+        heads = {k: m.state_dict() for k, m in self.heads.items()}
         torch.save({**state, **scaler, "t": self.t, "rng": rng, "table": self.table,
-                    "config": dataclasses.asdict(self.cfg), "heads": {k: m.state_dict() for k, m in self.heads.items()}},
-                   tmp / "state.pt")
+                    "config": dataclasses.asdict(self.cfg), "heads": heads}, tmp / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in _checkpoints(self.dir)[:-2]:  # keep the two newest complete checkpoints

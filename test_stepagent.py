@@ -22,8 +22,8 @@ import torch.nn.functional as F
 import data
 import envs
 import stepagent as sa
-from data import (DataError, Step, Trajectory, agent_turn, clean_observation, default_expert_path, encode_action,
-                  encode_dataset, encode_prompt, encode_trajectory, load_trajectories, normalize_action,
+from data import (DataError, Step, Trajectory, action_is_final, agent_turn, clean_observation, default_expert_path,
+                  encode_action, encode_dataset, encode_prompt, encode_trajectory, load_trajectories, normalize_action,
                   parse_action, render_messages, split_trajectories, strip_banner, system_prompt)
 
 # ----------------------------------------------------------------------------- tiny offline model + tokenizer
@@ -175,7 +175,8 @@ CONV = {"id": "g", "conversations": [{"from": "human", "value": "task"}, {"from"
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", json.dumps(GOOD) + "\n{not json\n", "bad.jsonl: line 2, column 2: not JSON (Expecting property name"),
-    ("torn.jsonl", json.dumps(GOOD) + '\n{"id": "torn', "torn.jsonl: line 2, column 8: not JSON (Unterminated string starting at)"),
+    ("torn.jsonl", json.dumps(GOOD) + '\n{"id": "torn',
+     "torn.jsonl: line 2, column 8: not JSON (Unterminated string starting at)"),
     ("bad.json", '[{"id": "g",\n "x": }]', "bad.json: line 2, column 7: not JSON (Expecting value)"),
     ("type.jsonl", json.dumps({**GOOD, "steps": "look"}),
      "type.jsonl: line 1: field 'steps': expected a non-empty list, got \"look\""),
@@ -252,6 +253,24 @@ def test_other_template_with_bos_and_gap_before_end_token():
     check_invariants(tok, thought_traj(), end="\n" + END)
     bos = tok.convert_tokens_to_ids("<|endoftext|>")
     assert encode_trajectory(tok, thought_traj(), 10**6).input_ids.count(bos) == 1
+
+
+@pytest.mark.parametrize("reply", [
+    "Thought: the apple is in the fridge.\nAction: go to fridge 1\nObservation: more text\nAction: look",
+    "go to shelf 1\nThought: hm\nAction: open drawer 2\n\nAction: take apple 1",
+    "Action:\n  take apple 1 from countertop 2 \nthen more", "Action: \nAction: look\nx", "look\nno action here\n",
+])
+def test_a_final_action_stays_final_whatever_follows(reply):
+    """Decoding may stop once data.action_is_final: no continuation changes the parsed action or the thought."""
+    from envs import _thought
+
+    for cut in range(len(reply) + 1):
+        head = reply[:cut]
+        if action_is_final(head):
+            for tail in (reply[cut:], "Action: other", "\nAction: other\n", " more\nAction: x"):
+                assert (parse_action(head + tail), _thought(head + tail)) == (parse_action(head), _thought(head))
+    assert action_is_final(reply) == ("Action: go" in reply or "Action: open" in reply or "\n  take" in reply
+                                      or "Action: look\n" in reply)
 
 
 def test_alternative_reply_sits_where_the_expert_action_was():
@@ -699,7 +718,7 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn():
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]  # a second end token: replies end unevenly
     cached = sa.PrefixCachedPolicy(model, tok, CPU, max_new_tokens=6)
     fed, forward = [], cached._forward
-    cached._forward = lambda ids, cache, **kw: fed.append(sum(map(len, ids))) or forward(ids, cache, **kw)
+    cached._forward = lambda ids, cache, *a, **kw: fed.append([len(x) for x in ids]) or forward(ids, cache, *a, **kw)
     prompt_tokens, lengths = 0, set()
     for turn in range(4):
         if turn == 2:  # game0 ends, game3 starts, game1's history is rewritten (not an extension of the cached one)
@@ -721,7 +740,9 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn():
         prompt_tokens += sum(map(len, prompts))
         lengths |= {len(tok(r)["input_ids"]) for r in replies}
     assert len(set(replies)) > 1 and len(lengths) > 1
-    assert 0 < sum(fed) < prompt_tokens / 2  # most of each history came from the cache
+    prefills = [x for x in fed if max(x) > 1]
+    assert len(prefills) == 4 and all(len(x) == 3 for x in prefills)  # one prefill per turn, all episodes together
+    assert 0 < sum(map(max, prefills)) < prompt_tokens / 4  # most of each history came from the cache
 
 
 def test_discriminator_separates_two_action_vocabularies():
@@ -976,6 +997,14 @@ def write_jsonl(path: Path, trajs: list[Trajectory]) -> Path:
                                                                   for s in t.steps]} for t in trajs]
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
+
+
+def test_presets_shorten_episodes_but_never_lengthen_an_envs_cap():
+    """The small preset's 15 turns cap ALFWorld (40 by default) but not HotpotQA's 7; a --max-steps flag always wins."""
+    assert sa.parse_config([]).max_steps == 15
+    assert sa.parse_config(["--env", "hotpotqa"]).max_steps == 0  # 0 = the env's own: 7
+    assert sa.parse_config(["--env", "hotpotqa", "--max-steps", "9"]).max_steps == 9
+    assert sa.parse_config(["--eval-batch", "0"]).eval_batch == 0 and sa.Config().eval_batch == 0  # 0: from the machine
 
 
 def test_bad_input_fails_early_with_one_line(tiny_dir, tmp_path):
@@ -1431,6 +1460,31 @@ def test_engines_die_with_a_killed_evaluation(tmp_path, sig):
     for w in survivors:
         os.kill(w, signal.SIGKILL)
     assert not survivors
+
+
+def test_a_loading_game_holds_up_no_live_episode(tmp_path, monkeypatch):
+    """A game that loads slowly joins when ready; meanwhile the live episodes keep playing (no turn waits for it)."""
+    real_load = envs.AlfWorldEnv.load
+    fast, slow, late = FIRST_SEEN[2], FIRST_SEEN[0], FIRST_SEEN[1]
+
+    def load(self, game):
+        if game == late:
+            time.sleep(4)
+        return real_load(self, game)
+
+    monkeypatch.setattr(envs.AlfWorldEnv, "load", load)  # forked engines see it
+    calls, play = [], replay({fast: PLANS[fast]})  # the others say "look" until the step cap
+
+    def act(histories):
+        calls.append({h.game_file for h in histories})
+        return play(histories)
+
+    summary = envs.evaluate("alfworld", "valid_seen", act, tmp_path / "e.jsonl", games=[fast, slow, late],
+                            batch_size=2, max_steps=12)
+    assert summary["n"] == 3
+    first_without_fast = next(i for i, c in enumerate(calls) if fast not in c)
+    assert calls[first_without_fast] == {slow}  # the fast game ended: the slow one played on alone while late loaded
+    assert late in calls[-1]
 
 
 def test_evaluate_resumes_where_it_stopped(tmp_path):

@@ -6,7 +6,7 @@
     python bench/bench.py --rows 4   # row 4 alone (135M and 1B shapes, old vs new path; ~5 min on one H100)
 
 1. reflection step: one-pass tree packing vs the pairwise layout (and TRL's DPOTrainer concatenated forward);
-2. inspection: batched generation vs one prefix at a time; 3. evaluation: parallel ALFWorld games vs one at a time;
+2. inspection: batched generation vs one prefix at a time; 3. evaluation: this checkout vs f9b7db4, on the same games;
 4. (--gpu) MFU, tokens/s and peak memory of SFT and reflection steps, old vs new path.
 Table to stdout, JSON to bench/results-<device>.json (or --out).
 """
@@ -35,7 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+OLD = "f9b7db4"  # row 3's old path: the evaluation code of this commit (KV cache, per-episode prefill, blocking starts)
+sys.path.insert(0, os.environ.get("STEPAGENT_BENCH_CODE") or str(ROOT))  # a row-3 child may run OLD's files
 import data  # noqa: E402
 import envs  # noqa: E402
 import stepagent  # noqa: E402
@@ -56,9 +57,9 @@ class Sizes:
     prefixes: dict = field(default_factory=lambda: {"tiny": 32, "135m": 16})  # inspection prefixes generated
     new_tokens: int = 16  # max new tokens per action (generation and evaluation)
     gen_batch: int = 8
-    repeats_b: int = 1  # rows 2-3: 1 = B=1 then B=k; 2 = ABBA order (drift cancels, twice the time)
-    games: int = 4  # valid_seen games per evaluation
-    eval_batch: int = 4
+    repeats_b: int = 1  # row 2: 1 = B=1 then B=k; 2 = ABBA order (drift cancels, twice the time)
+    games: int = 16  # valid_seen games per evaluation: more than a batch, so finished slots are refilled
+    eval_batch: int = 8  # row 3: the old default --eval-batch (and the new one on a 2-core CPU)
     max_steps: int = 8  # turns per game: the KV cache gains more the longer the histories grow
     gpu_trajectories: int = 8  # row 4: median trajectories per SFT / reflection step
     gpu_models: tuple[str, ...] = ("135m", "1b")  # row 4: random-init Llama shapes from GPU_MODELS
@@ -67,7 +68,7 @@ class Sizes:
 
 
 QUICK = Sizes(models=("tiny",), trajectories={"tiny": 1}, quantile={"tiny": 0.0}, repeats={"tiny": 1},
-              prefixes={"tiny": 8}, new_tokens=8, gen_batch=4, games=2, eval_batch=2, max_steps=2, gpu_trajectories=4,
+              prefixes={"tiny": 8}, new_tokens=8, gen_batch=4, games=3, eval_batch=2, max_steps=2, gpu_trajectories=4,
               gpu_models=("135m",), gpu_repeats=2)
 
 
@@ -241,9 +242,10 @@ def reflection_child(spec: dict) -> dict:
             "trajectory_tokens": [len(e.input_ids) for e in encs], "note": note}
 
 
-def run_child(spec: dict) -> dict:
-    """Run reflection_child in a fresh interpreter; its stderr (progress bars) passes through."""
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+def run_child(spec: dict, env: dict | None = None) -> dict:
+    """Run reflection_child (evaluation_child for row 3) in a fresh interpreter; its stderr passes through."""
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE, text=True,
+                          env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
     if proc.returncode or not lines:
         why = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
@@ -282,31 +284,53 @@ def generation_row(name: str, model, tok, rt, sizes: Sizes, data_dir: str) -> di
             "same_outputs": sum(a == b for a, b in zip(outs["B=1"], outs[f"B={B}"])) / len(prompts)}
 
 
-def evaluation_row(name: str, acts: dict, sizes: Sizes, data_dir: str) -> dict:
-    """Games per minute on real ALFWorld valid_seen. Settings: B=1 and B environments, each turn one batched generate
-    that re-encodes every history (--no-eval-cache), and B environments with each episode's KV cache kept across turns
-    (--eval-cache, the default). acts: {"plain": act, "cached": factory of a fresh cached act}; one of them may miss."""
-    out_dir, turns, B = Path(tempfile.mkdtemp(prefix="bench-eval-")), {}, sizes.eval_batch
-    settings = {k: v for k, v in {"B=1": ("plain", 1), f"B={B}": ("plain", B),
-                                  f"B={B}, KV cache": ("cached", B)}.items() if v[0] in acts}
+def evaluation_child(spec: dict) -> dict:
+    """One row-3 setting in a fresh process, on the code it was started with: this checkout, or OLD's files."""
+    rt = runtime()
+    act = lambda hs: ["look"] * len(hs)  # noqa: E731  (the no-op policy: what the harness alone costs)
+    if spec["model"] != "no-op":
+        model, tok = load_model(spec["model"], rt)
+        act = stepagent.make_act_fn(stepagent.Config(max_new_tokens=spec["new_tokens"]), rt, model.eval(), tok)
+    out = Path(tempfile.mkdtemp(prefix="bench-eval-")) / "e.jsonl"
+    t0, c0 = time.perf_counter(), time.process_time()
+    summary = envs.evaluate("alfworld", "valid_seen", act, out, spec["games"], spec["batch"], spec["max_steps"],
+                            data_dir=spec["data"])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    recs = sorted((json.loads(ln) for ln in out.read_text().splitlines()), key=lambda r: r["game"])
+    return {"seconds": wall, "cpu": cpu, "turns": sum(r["steps"] for r in recs), "errors": summary["errors"],
+            "actions": [[s["action"] for s in r["transcript"]] for r in recs]}
 
-    def play(setting: str) -> list:
-        kind, b = settings[setting]
-        act = acts[kind]() if kind == "cached" else acts[kind]  # a fresh cache: no episode of an earlier setting
-        out = out_dir / f"{name}-{setting}-{len(list(out_dir.iterdir()))}.jsonl"  # evaluate skips games done in out
-        summary = envs.evaluate("alfworld", "valid_seen", act, out, sizes.games, b, sizes.max_steps, data_dir=data_dir)
-        recs = sorted((json.loads(ln) for ln in out.read_text().splitlines()), key=lambda r: r["game"])
-        turns[setting] = sum(r["steps"] for r in recs)
-        return [summary["errors"], [[s["action"] for s in r["transcript"]] for r in recs]]
 
-    times, cpu, outs = interleaved({k: (lambda k=k: play(k)) for k in settings}, sizes.repeats_b)
-    rate = {k: 60 * sizes.games / statistics.median(v) for k, v in times.items()}
-    first = outs[next(iter(settings))][1]
-    return {"games": sizes.games, "max_steps": sizes.max_steps, "times": times, "rate": rate, "turns": turns,
-            "errors": {k: o[0] for k, o in outs.items()}, "speedup": {k: r / rate["B=1"] for k, r in rate.items()},
-            "cpu_times": cpu, "cpu_speedup": {k: statistics.median(cpu["B=1"]) / statistics.median(c)
-                                              for k, c in cpu.items()},  # the policy's process; engines excluded
-            "same_actions": {k: sum(a == b for a, b in zip(first, o[1])) / len(first) for k, o in outs.items()}}
+def old_code() -> str:
+    """OLD's stepagent.py, envs.py and data.py in a temporary folder (from this checkout's git history)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"stepagent-{OLD}-"))
+    for name in ("stepagent.py", "envs.py", "data.py"):
+        show = subprocess.run(["git", "-C", str(ROOT), "show", f"{OLD}:{name}"], capture_output=True, text=True)
+        if show.returncode:
+            raise SystemExit(f"error: row 3 needs commit {OLD} in this checkout's git history: {show.stderr.strip()}")
+        (folder / name).write_text(show.stdout)
+    return str(folder)
+
+
+def evaluation_rows(sizes: Sizes, data_dir: str) -> dict:
+    """Games per minute on the same real ALFWorld games: OLD's evaluation code vs this checkout's, at the same
+    --eval-batch and at twice it, each in a fresh process, for the no-op policy (the harness alone) and each model."""
+    old, B = old_code(), sizes.eval_batch
+    settings = {f"old, B={B}": (old, B), f"new, B={B}": ("", B), f"new, B={2 * B}": ("", 2 * B)}
+    rows = {}
+    for name in ("no-op", *sizes.models):
+        r = rows[name] = {"games": sizes.games, "max_steps": sizes.max_steps, "settings": {}}
+        for setting, (code, b) in settings.items():
+            spec = dict(row=3, model=name, data=data_dir, games=sizes.games, batch=b, max_steps=sizes.max_steps,
+                        new_tokens=sizes.new_tokens)
+            r["settings"][setting] = run_child(spec, env={**os.environ, "STEPAGENT_BENCH_CODE": code} if code else None)
+        base = r["settings"][f"old, B={B}"]
+        for setting, m in r["settings"].items():
+            if "error" not in m and "error" not in base:
+                m["games_per_min"] = 60 * sizes.games / m["seconds"]
+                m["speedup"], m["cpu_speedup"] = base["seconds"] / m["seconds"], base["cpu"] / m["cpu"]
+                m["same_actions"] = sum(a == b for a, b in zip(base["actions"], m["actions"])) / len(base["actions"])
+    return rows
 
 
 # ---------------------------------------------------------------------------- 4. GPU: MFU, old vs new path, bf16/fp16
@@ -429,20 +453,22 @@ def table(res: dict, sizes: Sizes) -> str:
         lines.append(f"| 1 reflection | {name} | {setting} | {r['tokens']:,} tok/step ({traj}) | "
                      f"{r['seconds']:.2f} s/step ({r['cpu']:.2f} CPU s) | {r['peak_mb']:,.0f} MB (step "
                      f"+{r['step_mb']:,.0f}) | {ratio}; loss {r['first_loss']:.4f}{note} |")
-    for kind, label, unit in (("generation", "2 inspection", "actions/s"), ("evaluation", "3 evaluation", "games/min")):
-        for name, r in res.get(kind, {}).items():
-            for k, v in r["rate"].items():
-                if kind == "generation":
-                    work = f"{r['prefixes']} prefixes (mean {r['mean_prefix_tokens']:.0f} tok) x <= {sizes.new_tokens}"
-                    check = f" ({r['cpu_speedup']:.2f}x by CPU time); same outputs as B=1: {r['same_outputs']:.0%}"
-                    speedup = r["speedup"]
-                else:
-                    work = f"{r['games']} games x <= {r['max_steps']} turns ({r['turns'][k]} played)"
-                    check = (f" ({r['cpu_speedup'][k]:.2f}x by this process's CPU time); same actions as B=1: "
-                             f"{r['same_actions'][k]:.0%}; engine errors {r['errors'][k]}")
-                    speedup = r["speedup"][k]
-                ratio = "baseline" if k == "B=1" else f"{speedup:.2f}x the B=1 rate{check}"
-                lines.append(f"| {label} | {name} | {k} | {work} | {v:.2f} {unit} | | {ratio} |")
+    for name, r in res.get("generation", {}).items():
+        for k, v in r["rate"].items():
+            work = f"{r['prefixes']} prefixes (mean {r['mean_prefix_tokens']:.0f} tok) x <= {sizes.new_tokens}"
+            check = f" ({r['cpu_speedup']:.2f}x by CPU time); same outputs as B=1: {r['same_outputs']:.0%}"
+            ratio = "baseline" if k == "B=1" else f"{r['speedup']:.2f}x the B=1 rate{check}"
+            lines.append(f"| 2 inspection | {name} | {k} | {work} | {v:.2f} actions/s | | {ratio} |")
+    for name, r in res.get("evaluation", {}).items():
+        for k, m in r["settings"].items():
+            if "games_per_min" not in m:
+                lines.append(f"| 3 evaluation | {name} | {k} | n/a: {m.get('error', 'the old setting failed')} | | | |")
+                continue
+            work = f"{r['games']} games x <= {r['max_steps']} turns ({m['turns']} played)"
+            ratio = "baseline" if k.startswith("old") else (
+                f"{m['speedup']:.2f}x the old rate ({m['cpu_speedup']:.2f}x by the policy process's CPU time); same "
+                f"actions as old: {m['same_actions']:.0%}; engine errors {m['errors']}")
+            lines.append(f"| 3 evaluation | {name} | {k} | {work} | {m['games_per_min']:.2f} games/min | | {ratio} |")
     for name, m in res.get("gpu", {}).items():
         for key, r in (m.items() if isinstance(m, dict) else []):
             if not isinstance(r, dict):
@@ -473,7 +499,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: one row-1 measurement in a fresh process
     args = p.parse_args(argv)
     if args.child:
-        print(RESULT + json.dumps(reflection_child(json.loads(args.child))), flush=True)
+        spec = json.loads(args.child)
+        print(RESULT + json.dumps((evaluation_child if spec.get("row") == 3 else reflection_child)(spec)), flush=True)
         return None
     sizes, rows = QUICK if args.quick else Sizes(), {int(r) for r in args.rows.split(",") if r}
     games = [Path(args.data) / "json_2.1.1"] if 3 in rows else []  # row 4 reads only the expert trajectories
@@ -494,21 +521,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     t0 = time.time()
     if 1 in rows:
         res["reflection"] = reflection_rows(sizes, args.data)
-    if 3 in rows:  # the harness alone: engines and the turn loop, with a policy that costs nothing
-        noop = {"plain": lambda hs: ["look"] * len(hs)}
-        res["evaluation"] = {"no-op": evaluation_row("no-op", noop, sizes, args.data)}
-    if rows & {2, 3}:
+    if 3 in rows:
+        res["evaluation"] = evaluation_rows(sizes, args.data)
+    if 2 in rows:
         rt = runtime()
         for name in sizes.models:
             model, tok = load_model(name, rt)
             model.eval()
-            if 2 in rows:
-                res.setdefault("generation", {})[name] = generation_row(name, model, tok, rt, sizes, args.data)
-            if 3 in rows:
-                cfg = stepagent.Config(max_new_tokens=sizes.new_tokens, eval_cache=False)
-                acts = {"plain": stepagent.make_act_fn(cfg, rt, model, tok),
-                        "cached": lambda: stepagent.make_act_fn(replace(cfg, eval_cache=True), rt, model, tok)}
-                res.setdefault("evaluation", {})[name] = evaluation_row(name, acts, sizes, args.data)
+            res.setdefault("generation", {})[name] = generation_row(name, model, tok, rt, sizes, args.data)
             del model
     if args.gpu or 4 in rows:
         if not torch.cuda.is_available():

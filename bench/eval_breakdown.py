@@ -1,0 +1,83 @@
+"""Where an evaluation turn's time goes: prompt rendering + tokenisation, prefill, decoding, the KV-cache policy's own
+bookkeeping, and the harness (engine steps, game starts, pipes), for one policy on real ALFWorld games.
+
+    python bench/eval_breakdown.py --model 135m --games 16 --batch 8 --max-steps 8 --new-tokens 16
+    python bench/eval_breakdown.py --engine     # one engine alone: game load + reset, and a step, in this process
+    STEPAGENT_BENCH_CODE=DIR python bench/eval_breakdown.py ...   # the same for the code in DIR (e.g. bench.OLD's)
+
+Times are wall seconds in the policy's process; "harness" is the evaluation's wall time minus the policy's.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (puts the checkout on sys.path)
+import data  # noqa: E402
+import envs  # noqa: E402
+import stepagent  # noqa: E402
+
+
+def timed(totals: dict, key: str, fn):
+    def wrapper(*args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            totals[key] += time.perf_counter() - t0
+    return wrapper
+
+
+def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, new_tokens: int) -> None:
+    totals: dict[str, float] = collections.defaultdict(float)
+    rt = bench.runtime()
+    model, tok = bench.load_model(model_name, rt)
+    act = stepagent.make_act_fn(stepagent.Config(max_new_tokens=new_tokens), rt, model.eval(), tok)
+    data.encode_prompt = timed(totals, "render + tokenise", data.encode_prompt)
+    forward = act._forward  # a decode step passes a mask and no columns to read (here and in bench.OLD's code)
+
+    def split(ids, cache, *a, **kw):
+        return timed(totals, "prefill" if a or "attention_mask" not in kw else "decode", forward)(ids, cache, *a, **kw)
+    act._forward = split
+    out = Path(tempfile.mkdtemp()) / "e.jsonl"
+    t0 = time.perf_counter()
+    envs.evaluate("alfworld", "valid_seen", timed(totals, "policy", act), out, games, batch, max_steps)
+    wall = time.perf_counter() - t0
+    turns = sum(json.loads(line)["steps"] for line in out.read_text().splitlines())
+    totals["cache bookkeeping"] = totals["policy"] - sum(totals[k] for k in ("render + tokenise", "prefill", "decode"))
+    totals["harness: engines, starts, pipes"] = wall - totals["policy"]
+    print(f"{model_name}: {games} games, batch {batch}, {turns} turns, {wall:.1f} s, {60 * games / wall:.2f} games/min")
+    for k in ("render + tokenise", "prefill", "decode", "cache bookkeeping", "policy", "harness: engines, starts, pipes"):
+        print(f"  {k:32s} {totals[k]:7.2f} s  {1000 * totals[k] / turns:7.1f} ms per episode-turn")
+
+
+def engine_breakdown(n_steps: int = 18) -> None:
+    game = envs.list_games("alfworld", "valid_seen")[5]
+    env = envs.AlfWorldEnv()
+    t0 = time.perf_counter()
+    env.load(game)
+    env.reset()
+    t1 = time.perf_counter()
+    for action in ["go to shelf 1", "look", "go to drawer 1", "open drawer 1", "inventory", "go to countertop 1"] * 3:
+        env.step(action)
+    print(f"engine: load + reset {t1 - t0:.2f} s, step {1000 * (time.perf_counter() - t1) / n_steps:.1f} ms")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="135m", choices=["tiny", "135m"])
+    p.add_argument("--games", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--engine", action="store_true", help="time one engine alone instead")
+    a = p.parse_args()
+    engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens)
