@@ -95,7 +95,7 @@ class Config:
     samples_per_step: int = 1  # K agent actions sampled per expert prefix
     temperature: float = 1.0  # sampling temperature of inspection (0 = greedy)
     max_new_tokens: int = 48  # per generated action
-    gen_batch_size: int = 8  # prefixes per generate call
+    gen_batch_size: int = 0  # prefixes per generate call (0 = CUDA 64, CPU 8: batched decoding is nearly free on a GPU)
     packing: str = "tree"  # tree: one forward per trajectory + agent branches (4-D mask) | pairs: prompt+action rows
     tokens_per_batch: int = 0  # >0: micro-batches are rows of whole trees up to N tokens, not padded batch-size rows
     reflect_lr: float = 1e-6
@@ -141,6 +141,7 @@ class Config:
                   ("max-length", self.max_length >= 16, ">= 16"),
                   ("eval-games", self.eval_games >= -1, "-1 (all), 0 (none) or a positive count"),
                   ("eval-batch", self.eval_batch >= 0, ">= 0 (0: from the machine)"),
+                  ("gen-batch-size", self.gen_batch_size >= 0, ">= 0 (0: from the device)"),
                   ("baseline", not (self.baseline == "group" and self.samples_per_step < 2), "value when K = 1")]
         checks.append(("env", self.env in EVAL_SPLITS, " or ".join(EVAL_SPLITS)))
         self.eval_splits = self.eval_splits or EVAL_SPLITS.get(self.env, "")
@@ -161,7 +162,7 @@ PRESETS: dict[str, dict] = {
     # What a 7-8B run uses (ETO's SFT recipe: lr 2e-5, 3 epochs, 3% warm-up, cosine; DPO-style β 0.1, lr 1e-6).
     "paper": dict(max_length=4096, epochs=3, lr=2e-5, batch_size=2, grad_accum=16, cycles=3, reflect_lr=1e-6,
                   reflect_batch=8, samples_per_step=1, temperature=1.0, heldout_steps=256, eval_games=-1,
-                  gen_batch_size=32, max_new_tokens=64),
+                  max_new_tokens=64),
     "none": {},
 }
 
@@ -644,6 +645,11 @@ def generate(model, tok, rt: Runtime, prompts: list[list[int]], temperature: flo
     return replies
 
 
+def gen_batch(cfg: Config, rt: Runtime) -> int:
+    """--gen-batch-size, or (0) from the device: a GPU decodes 64 rows for about the price of one, a CPU does not."""
+    return cfg.gen_batch_size or (64 if rt.device.type == "cuda" else 8)
+
+
 def end_tokens(model, tok) -> list[int]:
     """The ids that end a reply: the tokenizer's EOS and every one the model's generation config names."""
     ids = model.generation_config.eos_token_id
@@ -663,7 +669,7 @@ def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> lis
             steps = sorted(rng.sample(steps, min(cfg.steps_per_trajectory, len(steps))))
         slots += [(row, t) for t in steps for _ in range(cfg.samples_per_step)]
     prompts = [encs[row].input_ids[:encs[row].action_spans[t][0]] for row, t in slots]  # h_t = the expert's prefix
-    replies = generate(model, tok, rt, prompts, cfg.temperature, cfg.max_new_tokens, cfg.gen_batch_size,
+    replies = generate(model, tok, rt, prompts, cfg.temperature, cfg.max_new_tokens, gen_batch(cfg, rt),
                        derived_seed(cfg.seed, "inspect-sample", cycle, rt.rank), desc=f"inspect c{cycle}")
     out = []
     for (row, t), reply in zip(slots, replies):
@@ -947,12 +953,12 @@ def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: 
     if not heldout:
         return {}
     prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in heldout]
-    replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, cfg.gen_batch_size, 0, f"held-out c{cycle}")
+    replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0, f"held-out c{cycle}")
     same = data.normalize_action
     agree = [same(r) == same(enc.traj.steps[t].action) for r, (enc, t) in zip(replies, heldout)]
     logps, n_tok = [], 0
     with torch.no_grad():
-        for mb in batched(heldout, max(1, cfg.gen_batch_size)):
+        for mb in batched(heldout, gen_batch(cfg, rt)):
             packed = pack_tree([e for e, _ in mb], [[t] for _, t in mb], [[] for _ in mb], rt.device)
             with rt.autocast():
                 logps.append(action_logps(model, packed)["seq_logp"])
@@ -1091,7 +1097,7 @@ def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict
     if not cfg.eval_games or not rt.is_main:
         return {}
     summaries, batch = {}, cfg.eval_batch or auto_eval_batch(rt)
-    print0(rt, f"evaluation: {batch} games at a time" + ("" if cfg.eval_batch else " (--eval-batch 0: from the machine)"))
+    print0(rt, f"evaluation: {batch} games at a time" + ("" if cfg.eval_batch else " (--eval-batch 0: this machine's)"))
     for split in [s for s in cfg.eval_splits.split(",") if s]:
         out = run.dir / "eval" / tag / f"{split}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -1263,8 +1269,9 @@ def train(cfg: Config) -> dict:
         pick = random.Random(derived_seed(cfg.seed, "pick", cycle))
         n_rows = min(cfg.inspect_trajectories or len(train_e), len(train_e))
         rows = train_e if n_rows == len(train_e) else pick.sample(train_e, n_rows)
+        t_inspect = time.time()
         inspected = inspect(cfg, rt, model, tok, rows, cycle)
-        agree = float(np.mean([it.agree for it in inspected]))
+        t_inspect, agree = time.time() - t_inspect, float(np.mean([it.agree for it in inspected]))
         # 4. reflection: implicit reward (step DPO) or inverse RL (D_φ + PPO)
         if cfg.method == "implicit":
             stats = reflect_implicit(cfg, rt, model, ref, rows, inspected, cycle, run)
@@ -1273,7 +1280,8 @@ def train(cfg: Config) -> dict:
         del ref
         # 5. distance to the expert on the fixed held-out steps
         row = {"cycle": cycle, "inspect/agreement": agree, "inspect/steps": len(inspected),
-               **heldout_metrics(cfg, rt, model, tok, heldout, cycle), **stats, "cycle/seconds": time.time() - t0}
+               "inspect/seconds": t_inspect, **heldout_metrics(cfg, rt, model, tok, heldout, cycle), **stats,
+               "cycle/seconds": time.time() - t0}
         table.append(row)
         run.log(stage="cycle", **row)
         run.save(model, dict(stage="cycle", cycle=cycle))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU measurements of the evaluation-speed and training-speed issues, ready to run on a lent GPU machine after
+# ../shared/gpu/README.md's setup (each mode fits one 10-minute call; results and logs go to OUT):
+#   call 1: bash .gpu1/setup.sh                                         (carry .gpu1)
+#   call 2: bash .gpu2/join.sh && . /root/w/env.sh && bash bench/gpu_check.sh eval $OUT     (carry .gpu2)
+#   call 3: . /root/w/env.sh && bash bench/gpu_check.sh train $OUT
+# eval:  SFT of the embedded 135M on all expert data (the 94.8% recipe), then inspection of every expert prefix of
+#        400 trajectories (timed), then the 134 valid_unseen games at 40 turns (timed; the target is <= 60 s).
+# train: bench row 4 (MFU, tokens/s, peak memory; old vs new path; bf16 and fp16 + GradScaler), then the same SFT on
+#        the new path (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s for 2 epochs).
+set -uo pipefail
+mode=${1:?usage: bench/gpu_check.sh eval|train OUT}; out=${2:?usage: bench/gpu_check.sh eval|train OUT}
+mkdir -p "$out"
+quiet() { tr '\r' '\n' | grep -v 'it/s\]'; }
+sft=(--preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 0)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/device.txt"
+if [ "$mode" = eval ]; then
+  run=/root/w/runs/sft
+  /usr/bin/time -v python stepagent.py "${sft[@]}" --out $run --eval-games -1 --eval-splits valid_unseen \
+    --max-steps 40 2>&1 | quiet > "$out/sft-eval.log"
+  cp $run/metrics.jsonl $run/eval/final/valid_unseen.jsonl $run/eval/final/summary.json "$out/"
+  python - "$(ls -d $run/ckpt-* | tail -1)" > "$out/inspect.json" 2>> "$out/inspect.log" <<'PY'
+import json, sys, time
+import data, stepagent as sa
+cfg = sa.Config(temperature=1.0)
+rt = sa.setup_runtime(cfg)
+model, tok = sa.load_policy(sys.argv[1], rt)
+encs, _ = data.encode_dataset(tok, data.load_trajectories(data.default_expert_path("alfworld"))[:400], 2048)
+t0 = time.time()
+items = sa.inspect(cfg, rt, model, tok, encs, cycle=1)
+print(json.dumps({"trajectories": len(encs), "prefixes": len(items), "seconds": time.time() - t0,
+                  "gen_batch": sa.gen_batch(cfg, rt), "agreement": sum(i.agree for i in items) / len(items)}))
+PY
+elif [ "$mode" = train ]; then
+  python bench/bench.py --rows 4 --out "$out/results-gpu-row4.json" 2>&1 | quiet > "$out/row4.log"
+  /usr/bin/time -v python stepagent.py "${sft[@]}" --tokens-per-batch 16384 --attn flex_attention \
+    --out /root/w/runs/sft-new --eval-games 0 2>&1 | quiet > "$out/sft-new.log"
+  cp /root/w/runs/sft-new/metrics.jsonl "$out/sft-new-metrics.jsonl"
+else
+  echo "error: mode $mode: expected eval or train"; exit 2
+fi
+tail -3 "$out"/*.log
