@@ -521,7 +521,7 @@ def _hotpotqa_records(path: str) -> dict[str, dict]:
     try:
         records = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise EnvError(f"{path}: not JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+        raise EnvError(f"{path}: line {e.lineno}, column {e.colno}: not JSON ({e.msg})") from None
     if not isinstance(records, list):
         raise EnvError(f"{path}: expected a JSON list of HotpotQA records, got {type(records).__name__}")
     out = {}
