@@ -212,9 +212,15 @@ def load_trajectories(path: str | Path, env: str = "alfworld", max_trajectories:
                                 _field(rec, "game_file", str, where, "")))
     if not trajs:
         raise DataError(f"{path}: no usable trajectories: expected at least one record{' that won' * only_won}")
-    if max_trajectories is not None:
-        trajs = sorted(trajs, key=lambda t: _hash(t.id))[:max_trajectories]
-    return trajs
+    return subsample(trajs, max_trajectories)
+
+
+def subsample(trajs: list[Trajectory], n: int | None, seed: int = 0) -> list[Trajectory]:
+    """The first n in an order hashed from each id (seed 0: the draw every run before sweeps used; seed k: another
+    draw), so a subset does not depend on file order and a larger n of the same seed contains every smaller one."""
+    if not n:
+        return trajs
+    return sorted(trajs, key=lambda t: _hash(t.id if not seed else f"{seed}:{t.id}"))[:n]
 
 
 def split_trajectories(trajs: list[Trajectory], val_fraction: float,

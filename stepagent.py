@@ -671,8 +671,12 @@ def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> lis
             steps = sorted(rng.sample(steps, min(cfg.steps_per_trajectory, len(steps))))
         slots += [(row, t) for t in steps for _ in range(cfg.samples_per_step)]
     prompts = [encs[row].input_ids[:encs[row].action_spans[t][0]] for row, t in slots]  # h_t = the expert's prefix
-    replies = generate(model, tok, rt, prompts, cfg.temperature, cfg.max_new_tokens, gen_batch(cfg, rt),
-                       derived_seed(cfg.seed, "inspect-sample", cycle, rt.rank), desc=f"inspect c{cycle}")
+    seed = derived_seed(cfg.seed, "inspect-sample", cycle, rt.rank)
+    if cfg.eval_cache and full_attention(model):  # h_t ⊂ h_{t+1}: each trajectory's prefixes share one growing cache
+        replies = inspect_cached(cfg, rt, model, tok, slots, prompts, seed, f"inspect c{cycle}")
+    else:
+        replies = generate(model, tok, rt, prompts, cfg.temperature, cfg.max_new_tokens, gen_batch(cfg, rt), seed,
+                           desc=f"inspect c{cycle}")
     out = []
     for (row, t), reply in zip(slots, replies):
         traj = encs[row].traj
@@ -680,6 +684,26 @@ def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> lis
         out.append(Inspected(row, t, expert, reply, data.encode_action(tok, traj, t, reply),
                              data.normalize_action(reply) == data.normalize_action(traj.steps[t].action)))
     return out
+
+
+def inspect_cached(cfg: Config, rt: Runtime, model, tok, slots: list[tuple[int, int]], prompts: list[list[int]],
+                   seed: int, desc: str) -> list[str]:
+    """The replies of inspect() through evaluation's KV-cached policy: a trajectory's K samples keep their caches
+    from step to step, so h_{t+1} prefills only â_t and o_t. Trajectories go gen_batch // K at a time."""
+    policy = PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens, cfg.temperature, seed, stop_at_action=False)
+    where: dict[tuple[int, int], list[int]] = {}  # (row, t) -> indices of its K slots
+    for i, slot in enumerate(slots):
+        where.setdefault(slot, []).append(i)
+    rows, replies = sorted({row for row, _ in slots}), [""] * len(slots)
+    for group in tqdm(batched(rows, max(1, gen_batch(cfg, rt) // cfg.samples_per_step)), desc=desc,
+                      disable=not rt.is_main or len(rows) <= 1, dynamic_ncols=True, leave=False):
+        for t in sorted({t for row, t in where if row in group}):  # step by step, all the group's trajectories
+            idx = [i for row in group for i in where.get((row, t), [])]
+            keys = [(row, k) for row in group for k, _ in enumerate(where.get((row, t), []))]  # sample k of row
+            for i, reply in zip(idx, policy.act(keys, [prompts[i] for i in idx], keep_absent=True)):
+                replies[i] = reply
+        policy.caches.clear()
+    return replies
 
 
 def by_row(items: list[Inspected]) -> dict[int, list[Inspected]]:
@@ -977,16 +1001,21 @@ def make_act_fn(cfg: Config, rt: Runtime, model, tok):
     --eval-cache (default): each episode's KV cache is kept across turns and the live episodes decode together;
     --no-eval-cache: one batched generate per turn that re-encodes every history from its first token.
     """
-    kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
-    if cfg.eval_cache and kinds == {"full_attention"}:
+    if cfg.eval_cache and full_attention(model):
         return PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens)
     if cfg.eval_cache:
-        print0(rt, f"--eval-cache: {', '.join(sorted(kinds))} layers need their own cache types; re-encoding instead")
+        kinds = ", ".join(sorted(set(model.config.layer_types)))
+        print0(rt, f"--eval-cache: {kinds} layers need their own cache types; re-encoding instead")
 
     def act(histories: list) -> list[str]:
         prompts = [data.encode_prompt(tok, h, len(h.steps)) for h in histories]
         return generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, len(prompts), 0, desc="act")
     return act
+
+
+def full_attention(model) -> bool:
+    """Every layer attends to the whole past: the K/V caches the cached policy keeps and regroups are plain tensors."""
+    return set(getattr(model.config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
 
 
 class PrefixCachedPolicy:
@@ -1004,8 +1033,11 @@ class PrefixCachedPolicy:
     lengths that grow turn by turn and are regrouped as episodes end and start; bench row 3 measures the gain.)
     """
 
-    def __init__(self, model, tok, rt: Runtime, max_new_tokens: int):
+    def __init__(self, model, tok, rt: Runtime, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 stop_at_action: bool = True):
         self.model, self.tok, self.rt, self.max_new_tokens = model, tok, rt, max_new_tokens
+        self.temperature, self.stop_at_action = temperature, stop_at_action  # inspection samples whole replies
+        self.gen = torch.Generator(rt.device).manual_seed(seed)
         self.eos = set(end_tokens(model, tok))
         self.caches: dict[str, tuple[list[int], list]] = {}  # episode id -> (ids held, [(K, V) per layer])
         from inspect import signature  # (the module name `inspect` is the paper's inspection stage here)
@@ -1030,16 +1062,26 @@ class PrefixCachedPolicy:
             cache.update(k, v, layer)
         return cache
 
-    @torch.no_grad()
     def __call__(self, histories: list) -> list[str]:
+        """Evaluation: each episode's history rendered as in training, keyed by its id; finished episodes dropped."""
+        return self.act([h.id for h in histories], [data.encode_prompt(self.tok, h, len(h.steps)) for h in histories])
+
+    def _pick(self, logits: torch.Tensor) -> list[int]:
+        """argmax, or at a temperature plain sampling (no top-k/top-p: as generate() in inspection)."""
+        if self.temperature <= 0:
+            return logits.argmax(-1).tolist()
+        return torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=self.gen)[:, 0].tolist()
+
+    @torch.no_grad()
+    def act(self, keys: list, prompts: list[list[int]], keep_absent: bool = False) -> list[str]:
+        """Replies to prompt ids, each continuing the cache held under its key (keep_absent: keep the others too)."""
         self.model.eval()
-        dev, B = self.rt.device, len(histories)
-        prompts = [data.encode_prompt(self.tok, h, len(h.steps)) for h in histories]
+        dev, B = self.rt.device, len(keys)
         # 1. what each episode's cache can keep: the longest common prefix of the ids it holds and the new prompt
         held, n, seen = [], [], set()
-        for h, ids in zip(histories, prompts):
-            ids_held, kv = self.caches.get(h.id, ([], [])) if h.id not in seen else ([], [])
-            seen.add(h.id)
+        for key, ids in zip(keys, prompts):
+            ids_held, kv = self.caches.get(key, ([], [])) if key not in seen else ([], [])
+            seen.add(key)
             k = next((j for j, (a, b) in enumerate(zip(ids_held, ids)) if a != b), min(len(ids_held), len(ids)))
             held.append(kv)
             n.append(min(k, len(ids) - 1))  # at least one prompt token goes through the model
@@ -1060,7 +1102,7 @@ class PrefixCachedPolicy:
         last = sorted({len(x) - 1 for x in new})  # the columns whose logits are read: each episode's last prompt token
         logits = self._forward([x + [0] * (M - len(x)) for x in new], cache, torch.tensor(last, device=dev),
                                position_ids=k_t + torch.arange(M, device=dev)[None], attention_mask=mask)
-        first = logits[range(B), [last.index(len(x) - 1) for x in new]].argmax(-1).tolist()
+        first = self._pick(logits[range(B), [last.index(len(x) - 1) for x in new]])
         # 3. decode all episodes together, until each reply ends (an end token, or its action can no longer change)
         replies = [[t] for t in first]
         live = [t not in self.eos and not self._final([t]) for t in first]
@@ -1070,22 +1112,23 @@ class PrefixCachedPolicy:
             mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
             logits = self._forward([[ts[-1]] for ts in replies], cache, attention_mask=mask,
                                    position_ids=(lens + s - 1)[:, None])  # each episode's own next position
-            for i, t in enumerate(logits[:, -1].argmax(-1).tolist()):
+            for i, t in enumerate(self._pick(logits[:, -1])):
                 if live[i]:
                     replies[i].append(t)
                     live[i] = t not in self.eos and not self._final(replies[i])
         # 4. keep each episode's own cache: its prompt and the reply tokens fed back (all but the last)
-        self.caches = {}
-        for i, (h, ids) in enumerate(zip(histories, prompts)):
+        self.caches = self.caches if keep_absent else {}
+        for i, (key, ids) in enumerate(zip(keys, prompts)):
             keep = torch.cat([torch.arange(S - n[i], S + len(new[i])),  # kept K/V and new prompt tokens, reply
                               torch.arange(S + M, S + M + len(replies[i]) - 1)])
-            self.caches[h.id] = (ids + replies[i][:-1], [(layer.keys[i:i + 1, :, keep], layer.values[i:i + 1, :, keep])
+            self.caches[key] = (ids + replies[i][:-1], [(layer.keys[i:i + 1, :, keep], layer.values[i:i + 1, :, keep])
                                                          for layer in cache.layers])
         return [self.tok.decode(ts, skip_special_tokens=True).strip() for ts in replies]
 
     def _final(self, reply: list[int]) -> bool:
         """The reply's action (and thought) can no longer change: stop decoding it (its text is checked at newlines)."""
-        return "\n" in self.tok.decode(reply[-1:]) and data.action_is_final(self.tok.decode(reply))
+        tail = self.tok.decode(reply[-1:])
+        return self.stop_at_action and "\n" in tail and data.action_is_final(self.tok.decode(reply))
 
 
 def auto_eval_batch(rt: Runtime) -> int:

@@ -692,6 +692,32 @@ def test_inspect_aligns_agent_actions_with_prefixes(k):
     assert [(i.row, i.t, i.agent) for i in again] == [(i.row, i.t, i.agent) for i in items]  # seeded by (seed, cycle)
 
 
+def test_cached_inspection_equals_generate_and_prefills_each_step_once(monkeypatch):
+    """Inspection through the KV-cached policy gives the greedy replies of generate() at every prefix (and a near-zero
+    temperature samples them too), while each trajectory's history is prefilled about once, not once per step."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
+    with torch.no_grad():  # a random final-norm gain: greedy replies depend on the prompt
+        model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    trajs = [make_traj(6, seed=40), make_traj(3, seed=41), make_traj(5, seed=42)]
+    encs = [encode(t) for t in trajs]
+    cfg = small_cfg(temperature=0.0, max_new_tokens=6, gen_batch_size=2, steps_per_trajectory=4)  # groups of 2
+    plain = sa.inspect(replace(cfg, eval_cache=False), CPU, model, tok, encs, cycle=1)
+    fed, forward = [], sa.PrefixCachedPolicy._forward
+
+    def counting(self, ids, cache, *a, **kw):
+        if a:  # a prefill (it names the columns to read): its tokens, padding included
+            fed.append(sum(map(len, ids)))
+        return forward(self, ids, cache, *a, **kw)
+
+    monkeypatch.setattr(sa.PrefixCachedPolicy, "_forward", counting)
+    cached = sa.inspect(cfg, CPU, model, tok, encs, cycle=1)
+    assert [(i.row, i.t, i.agent) for i in cached] == [(i.row, i.t, i.agent) for i in plain]
+    every_prefix = sum(encs[i.row].action_spans[i.t][0] for i in plain)  # what generate() prefills
+    assert 0 < sum(fed) < every_prefix / 2.5  # 1,209 of 3,129 here; 1,437 if a skipped step dropped a cache
+    cold = sa.inspect(replace(cfg, temperature=1e-6), CPU, model, tok, encs, cycle=1)
+    assert len({i.agent for i in plain}) > 1 and [i.agent for i in cold] == [i.agent for i in plain]
+
+
 def test_batched_generation_equals_one_prompt_at_a_time():
     """generate() pads on the left whatever the tokenizer's default: a batch gives each prompt's lone greedy reply."""
     tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
