@@ -76,7 +76,9 @@ class Config:
     # --- data
     data: str = ""  # expert trajectories (.json ETO or .jsonl); default $ALFWORLD_DATA/expert/train_planner.json
     max_trajectories: int = 0  # subsample the expert set (0 = all)
+    trajectory_seed: int = 0  # which --max-trajectories are drawn (0: the fixed draw of every run so far; sweeps: k)
     val_fraction: float = 0.05  # held out (by id) for the convergence metrics
+    heldout_data: str = ""  # fixed held-out trajectories for those metrics instead (excluded from --data before the draw)
     max_length: int = 2048  # tokens per trajectory; also bounds the L x L packing mask
     on_too_long: str = "skip"  # skip | truncate (keep the whole steps that fit)
     # --- SFT (warm start)
@@ -1249,9 +1251,15 @@ def train(cfg: Config) -> dict:
     rt = setup_runtime(cfg)
     print0(rt, json.dumps(dataclasses.asdict(cfg)))
     # Fail early, before a model loads: data, environment, run directory.
-    trajs = data.load_trajectories(cfg.data or data.default_expert_path(cfg.env), env=cfg.env,
-                                   max_trajectories=cfg.max_trajectories or None)
-    train_t, val_t = data.split_trajectories(trajs, cfg.val_fraction, cfg.seed)
+    trajs = data.load_trajectories(cfg.data or data.default_expert_path(cfg.env), env=cfg.env)
+    if cfg.heldout_data:  # e.g. the expert trajectories of held-out train games: never trained on, whatever N
+        val_t = data.load_trajectories(cfg.heldout_data, env=cfg.env)
+        held = {t.id for t in val_t} | {t.game_file for t in val_t if t.game_file}
+        train_t = data.subsample([t for t in trajs if t.id not in held and t.game_file not in held],
+                                 cfg.max_trajectories, cfg.trajectory_seed)
+    else:
+        trajs = data.subsample(trajs, cfg.max_trajectories, cfg.trajectory_seed)
+        train_t, val_t = data.split_trajectories(trajs, cfg.val_fraction, cfg.seed)
     if cfg.eval_games:
         for split in [s for s in cfg.eval_splits.split(",") if s]:
             envs.list_games(cfg.env, split, cfg.env_data or None)
@@ -1339,7 +1347,7 @@ def train(cfg: Config) -> dict:
     # 6. evaluation in the real environment
     summaries = evaluate(cfg, rt, model, tok, run, "final")
     print0(rt, f"run directory: {run.dir} (checkpoint: {_checkpoints(run.dir)[-1]})")
-    return {"table": table, "eval": summaries, "out": str(run.dir)}
+    return {"table": table, "eval": summaries, "out": str(run.dir), "train_ids": [e.traj.id for e in train_e]}
 
 
 def _t_of(line: str) -> float:

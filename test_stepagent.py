@@ -148,6 +148,15 @@ def test_max_trajectories_is_a_stable_subset(tmp_path):
     assert [t.id for t in a] == [t.id for t in b]
 
 
+def test_seeded_draws_are_nested_and_seed_0_is_the_fixed_draw():
+    """--trajectory-seed k draws another N (a sweep's seeds); N=10 of a seed holds its N=5; seed 0 = every old run's."""
+    trajs = load_trajectories(EXPERT_DIR / "train_planner.json")[:200]
+    ids = {k: [t.id for t in data.subsample(trajs, 10, k)] for k in (0, 1, 2)}
+    assert ids[0] == [t.id for t in sorted(trajs, key=lambda t: data._hash(t.id))[:10]]  # the draw before sweeps
+    assert len({tuple(v) for v in ids.values()}) == 3
+    assert [t.id for t in data.subsample(trajs, 5, 1)] == ids[1][:5] and data.subsample(trajs, 0, 1) == trajs
+
+
 def test_tiny_files_in_both_formats_give_one_trajectory(tmp_path):
     """A hand-written ETO record and structured record of one game load into equal Trajectory objects."""
     game = "json_2.1.1/train/t-1/trial/game.tw-pddl"
@@ -1681,3 +1690,114 @@ def test_replication_report_counts_what_the_agents_did():
     metrics = [{"stage": "cycle", "cycle": "init", "cycle/agreement": 0.0}, {"stage": "sft", "sft/loss": 1.0},
                {"stage": "cycle", "cycle": 1, "cycle/agreement": 0.5, "imp/reward_margin": 0.25}]
     assert replication.cycle_table(metrics).splitlines()[2:] == ["| before SFT | 0.000 |  |", "| 1 | 0.500 | 0.250 |"]
+
+
+# ----------------------------------------------------------------------------- bench/sweep.py: success vs N
+
+
+def sweep_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+    import sweep
+
+    return sweep
+
+
+def fake_cell(n: int, method: str, seed: int, unseen: float, sha: str = "ab") -> dict:
+    """A hand-made cell.json: what `sweep.py run` writes when a cell ends."""
+    turn = {"turns": 4, "nothing": 1, "repeats": 1, "picked": 1, "episodes": 2, "picked_goal": 0, "verbs": {"go to": 4}}
+    return {"cell": f"n{n}-{method}-s{seed}", "n": n, "method": method, "seed": seed, "trajectories": n,
+            "train_ids_sha256": sha, "success": {"valid_unseen": {"success": unseen, "n": 134}},
+            "behaviour": {"valid_unseen": turn},
+            "compute": {"device": "cpu (2 cores)", "train_tokens": 2e6, "warmstart_tokens": 1e6, "train_seconds": 60,
+                        "eval_seconds": 60, "warmstart_seconds": 30},
+            "cycles": [{"cycle": "init", "cycle/agreement": 0.1}, {"cycle": 0, "cycle/agreement": 0.2 + seed / 10}],
+            "config": {"max_steps": 20, "beta": 0.1, "seed": seed, "method": method},
+            "sweep": {"epochs": 1, "cycles": 2, "train_val": 120, "fair_budget": "warm start 1 SFT epoch; ..."}}
+
+
+def test_sweep_report_averages_seeds_and_flags_mixed_cells(tmp_path):
+    """The table's cell is the mean ± sample std of success over seeds, per (N, method); cells of one (N, seed) that
+    trained on different trajectories, or with different settings, are flagged."""
+    sweep = sweep_module()
+    cells = [fake_cell(25, "sft", 0, 0.10), fake_cell(25, "sft", 1, 0.30), fake_cell(25, "implicit", 0, 0.20),
+             fake_cell(50, "sft", 0, 0.40)]
+    agg = sweep.aggregate(cells)
+    assert list(agg) == [(25, "sft"), (25, "implicit"), (50, "sft")]  # N ascending, methods in paper order
+    mean, std, k = agg[(25, "sft")]["success"]["valid_unseen"]
+    assert (round(mean, 6), round(std, 6), k) == (0.2, round(math.sqrt(0.02), 6), 2)
+    assert agg[(25, "implicit")]["success"]["valid_unseen"] == (0.2, None, 1)
+    text = sweep.report_markdown(cells)
+    assert "| 25 (25) | SFT | 0,1 | 20.0 ± 14.1% (2) | 2.00 M (+ 1.00 M) | 2.0 | cpu (2 cores) |" in text
+    assert "| 25 | SFT | 0 | 0.250 |" in text and "Warning" not in text  # cycle 0 agreement: mean of 0.2 and 0.3
+    assert "| 25 | SFT | 8 | go to 100% | 25% | 25% | 2/4 | 0/4 |" in text  # summed over seeds
+    cells[2]["train_ids_sha256"], cells[3]["config"]["beta"] = "cd", 0.5
+    assert "the cells differ in beta, the trajectories of N=25 seed 0" in sweep.report_markdown(cells)
+    for c in cells[:2]:
+        (tmp_path / c["cell"]).mkdir()
+        (tmp_path / c["cell"] / "cell.json").write_text(json.dumps(c))
+    (tmp_path / "n25-s0-warmstart").mkdir()  # a warm start is not a cell
+    assert [c["cell"] for c in sweep.load_cells([tmp_path])] == ["n25-sft-s0", "n25-sft-s1"]
+
+
+def test_sweep_skips_finished_cells_and_reruns_cut_ones(tmp_path, monkeypatch):
+    """`sweep.py run` runs only cells without cell.json, one warm start per (N, seed), and refuses flags it owns."""
+    sweep = sweep_module()
+    calls = []
+
+    def warm(flags, out, n, seed, heldout):
+        calls.append(("warm", n, seed))
+        return tmp_path / "ckpt", {}
+
+    def cell(args, flags, base, n, method, seed, warm, heldout, train_val):
+        calls.append((method, n, seed))
+        (args.out / sweep.cell_name(n, method, seed)).mkdir(parents=True, exist_ok=True)
+        (args.out / sweep.cell_name(n, method, seed) / "cell.json").write_text(json.dumps(fake_cell(n, method, seed, 0)))
+
+    monkeypatch.setattr(sweep, "warm_start", warm)
+    monkeypatch.setattr(sweep, "run_cell", cell)
+    argv = ["run", "--out", str(tmp_path / "sw"), "--n", "25,all", "--methods", "sft,implicit", "--seeds", "0",
+            "--train-val", "0", "--data", str(EXPERT), "--cycles", "2"]
+    sweep.main(argv)
+    assert calls == [("warm", 25, 0), ("sft", 25, 0), ("implicit", 25, 0), ("warm", 0, 0), ("sft", 0, 0),
+                     ("implicit", 0, 0)]
+    calls.clear()
+    (tmp_path / "sw" / "nall-implicit-s0" / "cell.json").unlink()  # cut before it was evaluated
+    sweep.main(argv)
+    assert calls == [("warm", 0, 0), ("implicit", 0, 0)]
+    with pytest.raises(SystemExit, match="--seed is set by the sweep"):
+        sweep.main(argv + ["--seed", "3"])
+    with pytest.raises(SystemExit, match="--methods dpo: expected sft, implicit, inverse"):
+        sweep.main(argv[:6] + ["dpo"] + argv[7:])
+
+
+def test_heldout_data_is_never_drawn_into_the_n(tiny_dir, tmp_path):
+    """--heldout-data (a sweep's held-out train games) is removed from --data before the seeded draw of N."""
+    records = json.loads(EXPERT.read_text())[:40]
+    write(tmp_path / "all.json", records, False)
+    held = write(tmp_path / "held.jsonl", records[:30], True)  # 30 of 40 held out: a draw of 8 would hit them
+    res = sa.main(["--model", str(tiny_dir), "--out", str(tmp_path / "run"), "--max-trajectories", "8",
+                   "--trajectory-seed", "2", "--heldout-data", str(held), "--epochs", "0", "--cycles", "0",
+                   *FAST[:-1], str(tmp_path / "all.json")])
+    rest = load_trajectories(tmp_path / "all.json")[30:]
+    assert sorted(res["train_ids"]) == sorted(t.id for t in data.subsample(rest, 8, 2))
+
+
+def test_sweep_end_to_end_on_real_games(tiny_dir, tmp_path):
+    """Two cells (SFT and Implicit) of one (N, seed) on real ALFWorld games: both from one warm start, on the same
+    trajectories, each summarised in cell.json with its checkpoints removed; the report reads them back."""
+    sweep = sweep_module()
+    out = tmp_path / "sw"
+    sweep.main(["run", "--out", str(out), "--n", "4", "--methods", "sft,implicit", "--seeds", "1", "--eval-games", "1",
+                "--train-val", "0", "--model", str(tiny_dir), "--preset", "small", "--max-length", "4096",
+                "--heldout-steps", "4", "--max-new-tokens", "8", "--max-steps", "2", "--cycles", "1",
+                "--inspect-trajectories", "2", "--steps-per-trajectory", "2", "--eval-batch", "1", "--data", str(EXPERT)])
+    sft, imp = (json.loads((out / f"n4-{m}-s1" / "cell.json").read_text()) for m in ("sft", "implicit"))
+    assert sft["train_ids_sha256"] == imp["train_ids_sha256"] and sft["trajectories"] <= 4
+    assert [r["cycle"] for r in imp["cycles"]] == ["init", 0, 1] and "imp/reward_margin" in imp["cycles"][-1]
+    assert sft["config"]["epochs"] == 1 and sft["config"]["cycles"] == 0 and imp["config"]["epochs"] == 0
+    for c in (sft, imp):
+        assert c["success"]["valid_unseen"]["n"] == 1 and c["compute"]["train_tokens"] > 0
+        assert c["config"]["model"].endswith(tuple(f"ckpt-{i:06d}" for i in range(100)))
+        assert not list((out / c["cell"]).glob("ckpt-*"))
+    assert not list((out / "n4-s1-warmstart").glob("ckpt-*"))
+    assert "| 4 (" in sweep.report(["--md", str(tmp_path / "r.md"), str(out)])

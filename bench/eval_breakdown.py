@@ -3,6 +3,7 @@ bookkeeping, and the harness (engine steps, game starts, pipes), for one policy 
 
     python bench/eval_breakdown.py --model 135m --games 16 --batch 8 --max-steps 8 --new-tokens 16
     python bench/eval_breakdown.py --engine     # one engine alone: game load + reset, and a step, in this process
+    python bench/eval_breakdown.py --inspect 4  # inspection of 4 trajectories: generate() vs the KV-cached policy
     STEPAGENT_BENCH_CODE=DIR python bench/eval_breakdown.py ...   # the same for the code in DIR (e.g. bench.OLD's)
 
 Times are wall seconds in the policy's process; "harness" is the evaluation's wall time minus the policy's.
@@ -59,6 +60,24 @@ def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, ne
         print(f"  {k:32s} {totals[k]:7.2f} s  {1000 * totals[k] / turns:7.1f} ms per episode-turn")
 
 
+def inspection_speed(model_name: str, n: int, new_tokens: int) -> None:
+    """inspect() over every expert prefix of n median-length trajectories: generate() re-encoding each prefix vs the
+    KV-cached policy (greedy, so both give the same replies), one after the other in this process."""
+    rt = bench.runtime()
+    model, tok = bench.load_model(model_name, rt)
+    encs = bench.expert_set(tok, os.environ.get("ALFWORLD_DATA") or str(bench.ROOT.parent / "shared" / "alfworld"),
+                            n, 0.5)
+    times, replies = {}, {}
+    for cache in (False, True):
+        cfg = stepagent.Config(temperature=0.0, max_new_tokens=new_tokens, eval_cache=cache)
+        t0 = time.perf_counter()
+        replies[cache] = [i.agent for i in stepagent.inspect(cfg, rt, model.eval(), tok, encs, cycle=1)]
+        times[cache] = time.perf_counter() - t0
+    print(f"{model_name}: {len(replies[True])} prefixes of {len(encs)} trajectories: generate {times[False]:.1f} s, "
+          f"KV-cached {times[True]:.1f} s ({times[False] / times[True]:.2f}x); same replies: "
+          f"{sum(a == b for a, b in zip(replies[False], replies[True]))}/{len(replies[True])}")
+
+
 def engine_breakdown(n_steps: int = 18) -> None:
     game = envs.list_games("alfworld", "valid_seen")[5]
     env = envs.AlfWorldEnv()
@@ -79,5 +98,9 @@ if __name__ == "__main__":
     p.add_argument("--max-steps", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--engine", action="store_true", help="time one engine alone instead")
+    p.add_argument("--inspect", type=int, default=0, metavar="N", help="time inspection of N trajectories instead")
     a = p.parse_args()
-    engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens)
+    if a.inspect:
+        inspection_speed(a.model, a.inspect, a.new_tokens)
+    else:
+        engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens)

@@ -51,8 +51,8 @@ METHODS = ("sft", "implicit", "inverse")
 LABELS = {"sft": "SFT", "implicit": "StepAgent-Implicit", "inverse": "StepAgent-Inverse"}
 OWNED = ("out", "seed", "trajectory_seed", "max_trajectories", "method", "resume", "heldout_data", "eval_games",
          "eval_splits")  # stepagent flags the sweep sets per cell
-SPEED_ONLY = ("data", "env_data", "model", "eval_batch", "gen_batch_size", "tokens_per_batch", "compile", "attn", "dtype",
-              "eval_cache", "save_every")  # settings that may differ between merged cells (machines, speed)
+SPEED_ONLY = ("data", "env_data", "model", "eval_batch", "gen_batch_size", "tokens_per_batch", "compile", "attn",
+              "dtype", "eval_cache", "save_every")  # settings that may differ between merged cells (machines, speed)
 
 
 # ----------------------------------------------------------------------------- run
@@ -62,7 +62,7 @@ def parse_list(text: str, flag: str, kind=str) -> list:
     try:
         return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"error: --{flag} {text!r}: expected comma-separated values, e.g. --{flag} 25,50,all") from None
+        raise SystemExit(f"error: --{flag} {text!r}: expected comma-separated values, e.g. 25,50,all") from None
 
 
 def cell_name(n: int, method: str, seed: int) -> str:
@@ -71,7 +71,7 @@ def cell_name(n: int, method: str, seed: int) -> str:
 
 def heldout_train_games(env: str, v: int, env_data: str = "") -> list[str]:
     """The fixed validation set of train games: hash order (no run of one scene), then round-robin over task types."""
-    games = sorted(envs.list_games(env, "train", env_data or None), key=lambda g: hashlib.sha256(g.encode()).hexdigest())
+    games = sorted(envs.list_games(env, "train", env_data or None), key=lambda g: hashlib.sha256(g.encode()).digest())
     return envs.spread_games(env, games, v)
 
 
@@ -203,7 +203,7 @@ def run_sweep(argv: list[str]) -> list[dict]:
     p.add_argument("--n", default="25,50,100", help="numbers of expert trajectories (comma-separated; all = every one)")
     p.add_argument("--methods", default="sft,implicit,inverse", help=f"subset of {','.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2", help="each seed draws its own N trajectories")
-    p.add_argument("--splits", default="valid_unseen", help="valid_unseen, valid_seen, train-val (held-out train games)")
+    p.add_argument("--splits", default="valid_unseen", help="valid_unseen, valid_seen, train-val (held-out train)")
     p.add_argument("--eval-games", type=int, default=-1, help="games per valid split (-1 = all); train-val plays all V")
     p.add_argument("--train-val", type=int, default=120, help="V held-out train games: in no N (0 = none; the "
                    "convergence steps are then --val-fraction of the N, as in a plain stepagent run)")
@@ -254,7 +254,7 @@ def load_cells(outs: list[Path]) -> list[dict]:
 
 
 def aggregate(cells: list[dict]) -> dict[tuple[int, str], dict]:
-    """(N, method) -> seeds, per split (mean, sample std or None with one seed, seeds), mean trajectories and compute."""
+    """(N, method) -> seeds, per split (mean, sample std or None for one seed, seeds), mean trajectories, compute."""
     groups: dict[tuple[int, str], list[dict]] = {}
     for c in cells:
         groups.setdefault((c["n"], c["method"]), []).append(c)
@@ -299,9 +299,10 @@ def report_markdown(cells: list[dict]) -> str:
              "| wall min per cell (train + eval) | device |", "|" + "---|" * (6 + len(splits))]
     for (n, method), a in agg.items():
         cols = [pct(*a["success"][s]) if s in a["success"] else "" for s in splits]
-        lines.append(f"| {n or 'all'} ({a['trajectories']:.0f}) | {LABELS[method]} | {','.join(map(str, a['seeds']))} | "
-                     + " | ".join(cols) + f" | {a['tokens'] / 1e6:.2f} M (+ {a['warm_tokens'] / 1e6:.2f} M) | "
-                     f"{a['minutes']:.1f} | {', '.join(a['devices'])} |")
+        seeds = ",".join(map(str, a["seeds"]))
+        lines.append(f"| {n or 'all'} ({a['trajectories']:.0f}) | {LABELS[method]} | {seeds} | " + " | ".join(cols)
+                     + f" | {a['tokens'] / 1e6:.2f} M (+ {a['warm_tokens'] / 1e6:.2f} M) | {a['minutes']:.1f} | "
+                     f"{', '.join(a['devices'])} |")
     c0 = cells[0]["sweep"]
     lines += ["", f"Success: mean ± sample std over seeds (number of seeds). Fair budget: {c0['fair_budget']}. "
               f"Held-out train games: {c0['train_val']}. Turns per game: {cells[0]['config']['max_steps'] or 'env'}."]
@@ -310,7 +311,7 @@ def report_markdown(cells: list[dict]) -> str:
     lines += ["", "Per-cycle diagnostics (held-out expert steps; mean over seeds; 'init' = the warm start):", "",
               diagnostics_table(agg), "", "What the agents did (all seeds, valid splits):", "",
               "| N | method | turns | actions (top 5 verbs) | \"Nothing happens.\" | same action as the turn before "
-              "| episodes that picked anything up | ... an object the task names |", "|---|---|---|---|---|---|---|---|"]
+              "| episodes that picked anything up | ... an object the task names |", "|" + "---|" * 8]
     for (n, method), a in agg.items():
         b = merge_behaviour([c["behaviour"][s] for c in a["cells"] for s in c["behaviour"] if s != "train-val"])
         if b["turns"]:
