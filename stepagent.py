@@ -78,7 +78,7 @@ class Config:
     max_trajectories: int = 0  # subsample the expert set (0 = all)
     trajectory_seed: int = 0  # which --max-trajectories are drawn (0: the fixed draw of every run so far; sweeps: k)
     val_fraction: float = 0.05  # held out (by id) for the convergence metrics
-    heldout_data: str = ""  # fixed held-out trajectories for those metrics instead (excluded from --data before the draw)
+    heldout_data: str = ""  # fixed held-out trajectories for those metrics instead (removed from --data before a draw)
     max_length: int = 2048  # tokens per trajectory; also bounds the L x L packing mask
     on_too_long: str = "skip"  # skip | truncate (keep the whole steps that fit)
     # --- SFT (warm start)

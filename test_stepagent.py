@@ -1751,7 +1751,8 @@ def test_sweep_skips_finished_cells_and_reruns_cut_ones(tmp_path, monkeypatch):
     def cell(args, flags, base, n, method, seed, warm, heldout, train_val):
         calls.append((method, n, seed))
         (args.out / sweep.cell_name(n, method, seed)).mkdir(parents=True, exist_ok=True)
-        (args.out / sweep.cell_name(n, method, seed) / "cell.json").write_text(json.dumps(fake_cell(n, method, seed, 0)))
+        cell_json = args.out / sweep.cell_name(n, method, seed) / "cell.json"
+        cell_json.write_text(json.dumps(fake_cell(n, method, seed, 0)))
 
     monkeypatch.setattr(sweep, "warm_start", warm)
     monkeypatch.setattr(sweep, "run_cell", cell)
@@ -1790,7 +1791,8 @@ def test_sweep_end_to_end_on_real_games(tiny_dir, tmp_path):
     sweep.main(["run", "--out", str(out), "--n", "4", "--methods", "sft,implicit", "--seeds", "1", "--eval-games", "1",
                 "--train-val", "0", "--model", str(tiny_dir), "--preset", "small", "--max-length", "4096",
                 "--heldout-steps", "4", "--max-new-tokens", "8", "--max-steps", "2", "--cycles", "1",
-                "--inspect-trajectories", "2", "--steps-per-trajectory", "2", "--eval-batch", "1", "--data", str(EXPERT)])
+                "--inspect-trajectories", "2", "--steps-per-trajectory", "2", "--eval-batch", "1",
+                "--data", str(EXPERT)])
     sft, imp = (json.loads((out / f"n4-{m}-s1" / "cell.json").read_text()) for m in ("sft", "implicit"))
     assert sft["train_ids_sha256"] == imp["train_ids_sha256"] and sft["trajectories"] <= 4
     assert [r["cycle"] for r in imp["cycles"]] == ["init", 0, 1] and "imp/reward_margin" in imp["cycles"][-1]

@@ -186,7 +186,7 @@ def run_cell(args, flags: list[str], base, n: int, method: str, seed: int, warm:
                     "warmstart_seconds": warm_summary["seconds"]},
         "cycles": res["table"], "config": dataclasses.asdict(cfg),
         "sweep": {"epochs": base.epochs, "cycles": c, "train_val": len(train_val), "eval_games": args.eval_games,
-                  "fair_budget": f"warm start {base.epochs} SFT epochs; then sft: +{c} SFT epochs, others: {c} cycles"},
+                  "fair_budget": f"warm start {base.epochs} SFT epoch(s), then SFT +{c} epoch(s) or {c} cycle(s)"},
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     stepagent.atomic_write(run / "cell.json", json.dumps(clean(summary), indent=2))
@@ -278,6 +278,10 @@ def pct(mean: float, std: float | None, k: int) -> str:
     return f"{100 * mean:.1f} ± {100 * std:.1f}% ({k})" if std is not None else f"{100 * mean:.1f}% (1)"
 
 
+def tokens(x: float) -> str:
+    return f"{x / 1e6:.2f} M" if x >= 1e6 else f"{x / 1e3:.1f} k"
+
+
 def differing_settings(cells: list[dict]) -> list[str]:
     """Settings that differ between cells although they should not (merged cells of different sweeps)."""
     per_cell = set(OWNED) | set(SPEED_ONLY) | {"trajectory_seed", "epochs", "cycles", "method"}
@@ -301,7 +305,7 @@ def report_markdown(cells: list[dict]) -> str:
         cols = [pct(*a["success"][s]) if s in a["success"] else "" for s in splits]
         seeds = ",".join(map(str, a["seeds"]))
         lines.append(f"| {n or 'all'} ({a['trajectories']:.0f}) | {LABELS[method]} | {seeds} | " + " | ".join(cols)
-                     + f" | {a['tokens'] / 1e6:.2f} M (+ {a['warm_tokens'] / 1e6:.2f} M) | {a['minutes']:.1f} | "
+                     + f" | {tokens(a['tokens'])} (+ {tokens(a['warm_tokens'])}) | {a['minutes']:.1f} | "
                      f"{', '.join(a['devices'])} |")
     c0 = cells[0]["sweep"]
     lines += ["", f"Success: mean ± sample std over seeds (number of seeds). Fair budget: {c0['fair_budget']}. "
