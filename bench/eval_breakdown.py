@@ -54,9 +54,10 @@ def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, ne
     wall = time.perf_counter() - t0
     turns = sum(json.loads(line)["steps"] for line in out.read_text().splitlines())
     totals["cache bookkeeping"] = totals["policy"] - sum(totals[k] for k in ("render + tokenise", "prefill", "decode"))
-    totals["harness: engines, starts, pipes"] = wall - totals["policy"]
+    harness = "harness: engines, starts, pipes"
+    totals[harness] = wall - totals["policy"]
     print(f"{model_name}: {games} games, batch {batch}, {turns} turns, {wall:.1f} s, {60 * games / wall:.2f} games/min")
-    for k in ("render + tokenise", "prefill", "decode", "cache bookkeeping", "policy", "harness: engines, starts, pipes"):
+    for k in ("render + tokenise", "prefill", "decode", "cache bookkeeping", "policy", harness):
         print(f"  {k:32s} {totals[k]:7.2f} s  {1000 * totals[k] / turns:7.1f} ms per episode-turn")
 
 
