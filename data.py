@@ -231,12 +231,17 @@ def split_trajectories(trajs: list[Trajectory], val_fraction: float,
     return [t for i, t in enumerate(trajs) if i not in val], [t for i, t in enumerate(trajs) if i in val]
 
 
+def cache_dir() -> Path:
+    """What stepagent makes once and keeps (model conversion, unpacked games, built data): $STEPAGENT_CACHE, default
+    ~/.cache/stepagent."""
+    return Path(os.environ.get("STEPAGENT_CACHE") or Path.home() / ".cache" / "stepagent").expanduser()
+
+
 def default_expert_path(env: str) -> Path:
     """$ALFWORLD_DATA/expert/train_planner.json, else the shared copy beside the repo; HotpotQA: the build-expert output
     in the cache, made by an explicit command so a run never trains on data it built silently; others need --data."""
     if env == "hotpotqa":
-        cache = Path(os.environ.get("STEPAGENT_CACHE") or Path.home() / ".cache" / "stepagent").expanduser()
-        path = cache / "hotpotqa" / "train_expert.jsonl"
+        path = cache_dir() / "hotpotqa" / "train_expert.jsonl"
         if not path.is_file():
             raise DataError(f"{path}: no such file: build it once with `python envs.py build-expert --env hotpotqa "
                             f"--split train --out {path}` (a second, pure-Python), or pass --data FILE")

@@ -41,7 +41,7 @@ from typing import Callable, Protocol
 
 from tqdm import tqdm
 
-from data import (ACTION, THOUGHT, Step, Trajectory, clean_observation, parse_action, strip_banner,
+from data import (ACTION, THOUGHT, Step, Trajectory, cache_dir, clean_observation, parse_action, strip_banner,
                   system_prompt)
 
 REPO = Path(__file__).resolve().parent
@@ -116,7 +116,7 @@ def alfworld_data_dir(path: str | Path | None = None) -> Path:
 
 def alfworld_cache_dir() -> Path:
     """Where train games are unpacked once: $STEPAGENT_CACHE/alfworld, default ~/.cache/stepagent/alfworld."""
-    return Path(os.environ.get("STEPAGENT_CACHE") or Path.home() / ".cache" / "stepagent").expanduser() / "alfworld"
+    return cache_dir() / "alfworld"
 
 
 def _alfworld_split_root(split: str, data_dir: str | Path | None = None) -> Path:

