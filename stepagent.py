@@ -1006,8 +1006,9 @@ def make_act_fn(cfg: Config, rt: Runtime, model, tok):
     if cfg.eval_cache and full_attention(model):
         return PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens)
     if cfg.eval_cache:
-        kinds = ", ".join(sorted(set(model.config.layer_types)))
-        print0(rt, f"--eval-cache: {kinds} layers need their own cache types; re-encoding instead")
+        kinds = ", ".join(sorted(layer_windows(model) or set(model.config.layer_types)))
+        print0(rt, f"--eval-cache: {kinds} layers need more than the cached policy's full-attention caches; "
+                   "re-encoding instead")
 
     def act(histories: list) -> list[str]:
         prompts = [data.encode_prompt(tok, h, len(h.steps)) for h in histories]
@@ -1016,8 +1017,9 @@ def make_act_fn(cfg: Config, rt: Runtime, model, tok):
 
 
 def full_attention(model) -> bool:
-    """Every layer attends to the whole past: the K/V caches the cached policy keeps and regroups are plain tensors."""
-    return set(getattr(model.config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+    """Every layer attends to the whole past (layer_windows, which also reads Mistral's and Phi3's sliding_window):
+    the cached policy pads inside its rows, and transformers measures a window in cache columns, not positions."""
+    return layer_windows(model) == {"full_attention": None}
 
 
 class PrefixCachedPolicy:

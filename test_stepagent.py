@@ -701,6 +701,16 @@ def test_inspect_aligns_agent_actions_with_prefixes(k):
     assert [(i.row, i.t, i.agent) for i in again] == [(i.row, i.t, i.agent) for i in items]  # seeded by (seed, cycle)
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2"])
+def test_sliding_window_models_act_by_re_encoding(arch):
+    """The cached policy pads inside its rows, where a window in cache columns is not one in positions: models with a
+    sliding window (Mistral's has layer_types None) act by re-encoding; full-attention ones keep their caches."""
+    cfg = sa.Config()
+    assert not isinstance(sa.make_act_fn(cfg, CPU, windowed_model(arch, "eager"), tiny_tokenizer()),
+                          sa.PrefixCachedPolicy)
+    assert isinstance(sa.make_act_fn(cfg, CPU, tiny_model("sdpa"), tiny_tokenizer()), sa.PrefixCachedPolicy)
+
+
 def test_cached_inspection_equals_generate_and_prefills_each_step_once(monkeypatch):
     """Inspection through the KV-cached policy gives the greedy replies of generate() at every prefix (and a near-zero
     temperature samples them too), while each trajectory's history is prefilled about once, not once per step."""
