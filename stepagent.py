@@ -65,7 +65,7 @@ class Config:
     # --- run
     env: str = "alfworld"  # alfworld | sciworld | webshop | hotpotqa
     method: str = "implicit"  # reflection strategy: implicit (step-level DPO) | inverse (discriminator reward + PPO)
-    preset: str = "small"  # small (CPU, minutes) | paper (7-8B, GPU) | none; applied before your flags
+    preset: str = "auto"  # auto (gpu if CUDA, else cpu) | cpu | gpu | small | paper (7-8B) | none; before your flags
     out: str = "runs/stepagent"  # run directory: config.json, metrics.jsonl, checkpoints, eval logs
     seed: int = 0
     resume: bool = False  # continue from the newest complete checkpoint in --out
@@ -122,7 +122,7 @@ class Config:
     eval_splits: str = ""  # comma-separated (default: valid_seen,valid_unseen; sciworld: dev,test; webshop: test)
     eval_batch: int = 0  # environments played in parallel (0 = from the machine: see auto_eval_batch)
     eval_cache: bool = True  # keep each episode's KV cache across turns (--no-eval-cache: re-encode every turn)
-    eval_every: int = 0  # also evaluate after every N cycles (0 = only at the end)
+    eval_every: int = 0  # also evaluate after SFT and every N cycles (0 = only at the end; SFT vs StepAgent printed)
     max_steps: int = 0  # turns per episode (0 = env's: ALFWorld 40 as ETO, IPR 20; ScienceWorld ETO's per task; QA 7)
     env_data: str = ""  # env data (default: $ALFWORLD_DATA or ../shared/alfworld; QA: $HOTPOTQA_DATA or ../shared/qa)
     # --- system
@@ -156,7 +156,18 @@ ATTN = ("sdpa", "eager", "flex_attention", "flash_attention_2")  # --attn choice
 # ETO's seen/unseen splits; HotpotQA: the _id-hash split of ../shared/qa/README.md
 EVAL_SPLITS = {"alfworld": "valid_seen,valid_unseen", "sciworld": "dev,test", "webshop": "test", "hotpotqa": "dev,test"}
 PRESETS: dict[str, dict] = {
-    # Finishes SFT, 2 cycles and a short evaluation on a 2-core CPU with the embedded 135M model.
+    "auto": {},  # the default: "gpu" where CUDA is, else "cpu" (parse_config)
+    # The measured best setting for a 2-core CPU in <= 20 minutes (bench/RESULTS.md, "CPU preset"): SFT, then the
+    # SFT checkpoint and the policy after the cycles play the same 24 fixed valid_unseen games. bf16 where AMX is.
+    "cpu": dict(max_trajectories=200, max_length=1024, epochs=1, lr=3e-4, grad_accum=8, cycles=1, heldout_steps=16,
+                inspect_trajectories=8, steps_per_trajectory=4, reflect_lr=1e-5, reflect_epochs=2, reflect_batch=4,
+                disc_steps=50, eval_games=24, eval_splits="valid_unseen", eval_every=1, eval_batch=12, max_steps=20,
+                max_new_tokens=24),
+    # The full pipeline on one GPU: all expert data (the SFT that wins 127/134 unseen games), StepAgent cycles, then
+    # every valid_seen and valid_unseen game at 40 turns, the SFT checkpoint and the final policy alike.
+    "gpu": dict(epochs=2, lr=1e-4, batch_size=8, grad_accum=4, cycles=2, inspect_trajectories=400, reflect_lr=1e-6,
+                reflect_batch=8, heldout_steps=256, eval_games=-1, eval_every=2),
+    # Finishes SFT, 2 cycles and a short evaluation on a 2-core CPU with the embedded 135M model (the tests' preset).
     "small": dict(max_trajectories=40, val_fraction=0.2, max_length=1024, epochs=1, lr=5e-5, grad_accum=4,
                   cycles=2, inspect_trajectories=6, steps_per_trajectory=4, heldout_steps=16, reflect_lr=1e-5,
                   reflect_epochs=2, reflect_batch=2, disc_steps=50, eval_games=2, eval_batch=2, max_steps=15,
@@ -166,6 +177,11 @@ PRESETS: dict[str, dict] = {
                   reflect_batch=8, samples_per_step=1, temperature=1.0, heldout_steps=256, eval_games=-1,
                   max_new_tokens=64),
     "none": {},
+}
+EXPECTED = {  # printed at start: what the auto preset's branches cost where they were measured
+    "cpu": "about 20 min on a 2-core CPU with AMX (bench/RESULTS.md, CPU preset), 3-4x that without bf16",
+    "gpu": "about 9 min on one H100/H200 at issue 10/11's target speeds: SFT 2.6 min (H200, measured) + cycles + "
+           "4 evaluations of ~137 games (8 min each at the last measured speed, f9b7db4; target 1 min)",
 }
 
 
@@ -186,9 +202,15 @@ def parse_config(argv: list[str] | None = None) -> Config:
     argv = sys.argv[1:] if argv is None else argv
     given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
     values = {k: v for k, v in vars(args).items()}
-    for k, v in PRESETS[args.preset].items():
+    if args.preset == "auto":
+        values["preset"] = "gpu" if torch.cuda.is_available() else "cpu"
+    if values["preset"] == "cpu" and "dtype" not in given:  # AMX multiplies bf16 matrices: 2.7x the fp32 SFT speed
+        values["dtype"] = "bf16" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "fp32"
+    for k, v in PRESETS[values["preset"]].items():
         cap = envs.DEFAULT_MAX_STEPS.get(values["env"])
-        if k not in given and not (k == "max_steps" and cap and cap < v):  # presets never lengthen an env's cap (QA: 7)
+        if k in given or (k == "max_steps" and cap and cap < v):  # presets never lengthen an env's cap (QA: 7)
+            continue
+        if k != "eval_splits" or values["env"] == "alfworld":  # the cpu preset's games are ALFWorld's
             values[k] = v
     return Config(**values)
 
@@ -223,8 +245,8 @@ class Runtime:
         return self.rank == 0
 
     def autocast(self):
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
+        if self.dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return nullcontext()
 
 
@@ -240,15 +262,15 @@ def setup_runtime(cfg: Config) -> Runtime:
     want = cfg.dtype
     if want == "auto":
         want = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if want in ("bf16", "fp16") and not cuda:
-        raise SystemExit(f"error: --dtype {want} needs CUDA; on CPU use --dtype fp32 (CPU bf16 autocast is 15x slower)")
+    if want == "fp16" and not cuda:
+        raise SystemExit("error: --dtype fp16 needs CUDA; on CPU use fp32, or bf16 where the CPU has AMX (see README)")
     if cfg.attn == "flex_attention" and not cuda:  # torch 2.13: "FlexAttention does not support backward on CPU"
         raise SystemExit("error: --attn flex_attention trains on CUDA only (no CPU backward in PyTorch); use sdpa")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[want]
     # fp16 overflows without loss scaling; bf16 has fp32's range and needs none.
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     rt = Runtime(device, dtype, rank, world, scaler, compile=cfg.compile)
-    why = "CUDA autocast" if cuda and dtype != torch.float32 else "no autocast"
+    why = f"{device.type} autocast" if dtype != torch.float32 else "no autocast"
     print0(rt, f"device {device}, precision {want} ({why}), world size {world}")
     seed_everything(cfg.seed + rank)
     if cfg.deterministic:
@@ -1252,6 +1274,8 @@ def train(cfg: Config) -> dict:
     expert on held-out steps; finally 6. evaluation in the environment (numbers match the comments below)."""
     rt = setup_runtime(cfg)
     print0(rt, json.dumps(dataclasses.asdict(cfg)))
+    if cfg.preset in EXPECTED:
+        print0(rt, f"preset {cfg.preset}: expected {EXPECTED[cfg.preset]}")
     # Fail early, before a model loads: data, environment, run directory.
     trajs = data.load_trajectories(cfg.data or data.default_expert_path(cfg.env), env=cfg.env)
     if cfg.heldout_data:  # e.g. the expert trajectories of held-out train games: never trained on, whatever N
@@ -1319,6 +1343,8 @@ def train(cfg: Config) -> dict:
         run.log(stage="cycle", **table[-1])
         run.save(model, dict(stage="cycle", cycle=0))
     start = state["cycle"] if state and state["stage"] == "cycle" else 0
+    if cfg.eval_every and start % cfg.eval_every == 0 and start < cfg.cycles:  # cycle 0: the SFT checkpoint; on
+        evaluate(cfg, rt, model, tok, run, f"cycle{start}")  # resume, finishes the evaluation a kill cut short
     for cycle in range(start + 1, cfg.cycles + 1):
         t0 = time.time()
         # 2. π_ref: the policy as it is at the start of this cycle, frozen
@@ -1348,6 +1374,11 @@ def train(cfg: Config) -> dict:
     print0(rt, "\n" + format_table(table))
     # 6. evaluation in the real environment
     summaries = evaluate(cfg, rt, model, tok, run, "final")
+    sft = run.dir / "eval" / "cycle0" / "summary.json"
+    if summaries and cfg.cycles and sft.exists():  # the paper's comparison: the warm start vs after the cycles
+        side = [{**s, "split": f"{who} {k.replace('valid_', '')}"[:16]} for who, sums in
+                (("SFT", json.loads(sft.read_text())), ("StepAgent", summaries)) for k, s in sums.items()]
+        print0(rt, f"\nSFT (cycle 0) vs StepAgent (cycle {cfg.cycles}), same games:\n{envs.format_summary(side)}")
     print0(rt, f"run directory: {run.dir} (checkpoint: {_checkpoints(run.dir)[-1]})")
     return {"table": table, "eval": summaries, "out": str(run.dir), "train_ids": [e.traj.id for e in train_e]}
 

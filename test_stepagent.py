@@ -1046,9 +1046,9 @@ def write_jsonl(path: Path, trajs: list[Trajectory]) -> Path:
 
 def test_presets_shorten_episodes_but_never_lengthen_an_envs_cap():
     """The small preset's 15 turns cap ALFWorld (40 by default) but not HotpotQA's 7; a --max-steps flag always wins."""
-    assert sa.parse_config([]).max_steps == 15
-    assert sa.parse_config(["--env", "hotpotqa"]).max_steps == 0  # 0 = the env's own: 7
-    assert sa.parse_config(["--env", "hotpotqa", "--max-steps", "9"]).max_steps == 9
+    assert sa.parse_config(["--preset", "small"]).max_steps == 15
+    assert sa.parse_config(["--preset", "small", "--env", "hotpotqa"]).max_steps == 0  # 0 = the env's own: 7
+    assert sa.parse_config(["--preset", "small", "--env", "hotpotqa", "--max-steps", "9"]).max_steps == 9
     assert sa.parse_config(["--eval-batch", "0"]).eval_batch == 0 and sa.Config().eval_batch == 0  # 0: from the machine
 
 
@@ -1379,7 +1379,7 @@ def test_cli_runs_hotpotqa_end_to_end(tiny_dir, tmp_path, monkeypatch):
     res = sa.main(["--env", "hotpotqa", "--model", str(tiny_dir), "--data", str(expert), "--out", str(out),
                    "--max-trajectories", "6", "--max-length", "4096", "--cycles", "1", "--inspect-trajectories", "2",
                    "--steps-per-trajectory", "2", "--heldout-steps", "4", "--eval-games", "2", "--max-steps", "2",
-                   "--max-new-tokens", "8", "--eval-batch", "2"])
+                   "--max-new-tokens", "8", "--eval-batch", "2", "--preset", "small"])
     for split in ("dev", "test"):
         recs = read(out / "eval" / "final" / f"{split}.jsonl")
         assert len(recs) == 2 and {r["task_type"] for r in recs} == {"bridge", "comparison"}
@@ -1656,9 +1656,10 @@ def test_embedded_default_model_loads_and_speaks_chatml(tmp_path, monkeypatch):
     assert reply and reply.isprintable()
 
 
-def test_cli_plays_real_alfworld_games_with_the_trained_policy(tmp_path):
-    """`stepagent.py` end to end on tiny settings: SFT, one implicit cycle, then real ALFWorld games (one seen, one
-    unseen) played by the policy, with an eval log per split and a summary."""
+def test_cli_plays_real_alfworld_games_with_the_trained_policy(tmp_path, capsys):
+    """`stepagent.py --preset gpu` (the auto preset's CUDA branch) end to end on a CPU with a tiny model and tiny
+    sizes: SFT, real ALFWorld games (one seen, one unseen) played by the SFT checkpoint, two implicit cycles, the same
+    games played again, an eval log per split and a summary each time, and SFT vs StepAgent printed side by side."""
     import json
 
     import stepagent
@@ -1667,18 +1668,41 @@ def test_cli_plays_real_alfworld_games_with_the_trained_policy(tmp_path):
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
     out = tmp_path / "run"
-    res = stepagent.main(["--model", str(tmp_path / "tiny"), "--out", str(out), "--max-trajectories", "6",
-                          "--max-length", "4096", "--cycles", "1", "--inspect-trajectories", "2",
+    res = stepagent.main(["--preset", "gpu", "--model", str(tmp_path / "tiny"), "--out", str(out),
+                          "--max-trajectories", "6", "--max-length", "4096", "--inspect-trajectories", "2",
                           "--steps-per-trajectory", "2", "--heldout-steps", "4", "--eval-games", "1", "--max-steps", "2",
-                          "--max-new-tokens", "8"])
-    for split in ("valid_seen", "valid_unseen"):
-        lines = (out / "eval" / "final" / f"{split}.jsonl").read_text().splitlines()
-        rec = json.loads(lines[0])
-        assert len(lines) == 1 and rec["error"] is None and rec["steps"] == 2 and "Your task is to" in rec["task"]
-        assert res["eval"][split]["n"] == 1
-    assert json.loads((out / "eval" / "final" / "summary.json").read_text()).keys() == {"valid_seen", "valid_unseen"}
+                          "--max-new-tokens", "8", "--batch-size", "2", "--grad-accum", "1"])
+    for tag in ("cycle0", "final"):  # the SFT checkpoint, then the policy after the cycles
+        for split in ("valid_seen", "valid_unseen"):
+            lines = (out / "eval" / tag / f"{split}.jsonl").read_text().splitlines()
+            rec = json.loads(lines[0])
+            assert len(lines) == 1 and rec["error"] is None and rec["steps"] == 2 and "Your task is to" in rec["task"]
+        assert json.loads((out / "eval" / tag / "summary.json").read_text()).keys() == {"valid_seen", "valid_unseen"}
+    assert all(res["eval"][split]["n"] == 1 for split in ("valid_seen", "valid_unseen"))
+    assert [r["cycle"] for r in res["table"]] == ["init", 0, 1, 2]
     evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
-    assert "eval/valid_seen/success" in evals[-1]
+    assert [e["tag"] for e in evals] == ["cycle0", "final"] and "eval/valid_seen/success" in evals[-1]
+    printed = capsys.readouterr().out
+    side = printed[printed.index("SFT (cycle 0) vs StepAgent (cycle 2), same games:"):].splitlines()
+    assert side[1].split() == ["task", "type", "SFT", "seen", "SFT", "unseen", "StepAgent", "seen", "StepAgent", "unseen"]
+    assert side[-1].split()[0] == "all" and side[-1].count("%") == 4  # "0.0% (  1)": success (games) per column
+
+
+def test_auto_preset_is_the_gpu_pipeline_on_cuda_and_the_measured_setting_on_a_cpu(monkeypatch):
+    """--preset auto (the default) resolves to gpu where CUDA is, else cpu: on a GPU every seen and unseen game at
+    40 turns after all the data; on a CPU the fixed 24 unseen games, bf16 only where the CPU multiplies it (AMX)."""
+    cpu = sa.parse_config([])
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert (cpu.preset, cpu.eval_games, cpu.eval_splits, cpu.eval_every, cpu.dtype) == \
+        ("cpu", 24, "valid_unseen", 1, "bf16" if amx else "fp32")
+    assert sa.parse_config(["--dtype", "fp32"]).dtype == "fp32"  # a flag always wins
+    qa = sa.parse_config(["--env", "hotpotqa"])  # the cpu preset's games are ALFWorld's; QA keeps its splits and cap
+    assert (qa.eval_splits, qa.max_steps) == ("dev,test", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = sa.parse_config([])
+    assert (gpu.preset, gpu.max_trajectories, gpu.eval_games, gpu.max_steps, gpu.eval_splits, gpu.dtype) == \
+        ("gpu", 0, -1, 0, "valid_seen,valid_unseen", "auto")
+    assert gpu.cycles > 0 and gpu.eval_every == gpu.cycles  # the SFT checkpoint and the final policy, nothing between
 
 
 def test_replication_report_counts_what_the_agents_did():

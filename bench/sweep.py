@@ -223,6 +223,8 @@ def run_sweep(argv: list[str]) -> list[dict]:
     if owned := sorted(given & set(OWNED)):
         raise SystemExit(f"error: --{owned[0].replace('_', '-')} is set by the sweep per cell: use --n, --methods, "
                          "--seeds, --splits, --eval-games, --out")
+    if "preset" not in given:  # a cell is the flags given, not whatever stepagent's auto preset picks on this machine
+        flags = ["--preset", "none", *flags]
     base = stepagent.parse_config(flags)  # a typo'd stepagent flag fails here, before anything runs
     train_val = heldout_train_games(base.env, args.train_val, base.env_data) if args.train_val > 0 else []
     heldout = heldout_file(args.out, base, train_val) if train_val else None
