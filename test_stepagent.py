@@ -1037,6 +1037,134 @@ def test_resume_never_unpickles_code(tiny_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+# ----------------------------------------------------------------------------- torchrun: 2 processes (gloo, CPU)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_rank(rank: int, world: int, port: int, fn, *args) -> None:
+    """One process of `torchrun --nproc_per_node world`: its env vars, one thread (the CPU is shared), then fn."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn, *args, world: int = 2, timeout: float = 180) -> None:
+    """Run fn(*args) in `world` spawned processes as torchrun would; a rank's exception fails the test, a hang too."""
+    ctx = torch.multiprocessing.start_processes(_as_rank, args=(world, _free_port(), fn, *args), nprocs=world,
+                                                join=False, start_method="fork")
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks still running after {timeout} s (a collective that one rank never reached?)")
+
+
+TWO_RANKS = ["--max-trajectories", "8", "--cycles", "1", "--method", "implicit", "--inspect-trajectories", "4",
+             "--steps-per-trajectory", "2", "--temperature", "0", "--reflect-batch", "2", "--reflect-epochs", "1",
+             "--batch-size", "1", "--heldout-steps", "4", *FAST]  # 6 training trajectories, 2 SFT steps of 4
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """SFT + one implicit cycle, global batch 4: one plain process (grad-accum 4) and 2 FSDP ranks (grad-accum 2);
+    reflection: 2 steps of 2 trajectories. The 2 ranks stop after SFT and go on with --resume (a third directory keeps
+    their state after SFT step 1: ckpt holds the sharded optimizer)."""
+    one, two, cut = (tmp_path_factory.mktemp(name) / "run" for name in ("one", "two", "cut"))
+    sa.main(["--model", str(tiny_dir), "--out", str(one), "--grad-accum", "4", *TWO_RANKS])
+    args = ["--model", str(tiny_dir), "--out", str(two), "--grad-accum", "2", "--dist", "fsdp", "--save-every", "1",
+            *TWO_RANKS]
+    run_ranks(sa.main, [*args, "--cycles", "0"])
+    shutil.copytree(two, cut)
+    run_ranks(sa.main, [*args, "--resume"])
+    return one, two, cut
+
+
+def assert_same_metrics(lines_a: list[dict], lines_b: list[dict], rel: float = 1e-6, abs_: float = 1e-6) -> None:
+    assert [ln["t"] for ln in lines_b] == list(range(1, len(lines_b) + 1))  # no duplicate t
+    assert [(ln["t"], sorted(ln)) for ln in lines_a] == [(ln["t"], sorted(ln)) for ln in lines_b]
+    for la, lb in zip(lines_a, lines_b):
+        for k in la:
+            if k.endswith("seconds") or k == "time":
+                continue
+            if isinstance(la[k], float):
+                assert lb[k] == pytest.approx(la[k], rel=rel, abs=abs_), (la["t"], k)
+            else:
+                assert lb[k] == la[k], (la["t"], k)
+
+
+def test_fsdp_on_two_ranks_matches_one_process(fsdp_runs):
+    """torchrun with 2 FSDP ranks on CPU (gloo) logs the same SFT and implicit-cycle metrics as one plain process with
+    the same global batch (the ranks deal each step's trajectories and normalise by the step's global count), also
+    across a --resume after SFT, and rank 0 writes the same weights as a plain transformers checkpoint."""
+    one, two, _ = fsdp_runs
+    lines_one, lines_two = read_metrics(one), read_metrics(two)
+    assert [ln["stage"] for ln in lines_one] == ["cycle", "sft", "sft", "cycle", "reflect", "reflect", "cycle"]
+    cycle = lines_two[-1]
+    assert cycle["imp/pairs"] > 0 and cycle["inspect/steps"] == 8  # 4 trajectories × 2 steps
+    assert_same_metrics(lines_one, lines_two, rel=1e-5, abs_=1e-6)
+    from transformers import AutoModelForCausalLM  # rank 0 wrote a plain transformers checkpoint: same weights
+
+    final = [AutoModelForCausalLM.from_pretrained(sorted(d.glob("ckpt-[0-9]*"))[-1]).state_dict() for d in (one, two)]
+    assert final[0].keys() == final[1].keys()
+    for k in final[0]:
+        torch.testing.assert_close(final[1][k], final[0][k], rtol=1e-4, atol=1e-5)
+
+
+def _inspect_on_a_rank(out: Path, cfg: sa.Config, encs: list) -> None:
+    """One rank: inspect with the FSDP-sharded tiny model; write the slots it generated and the items it got back."""
+    rt = sa.setup_runtime(cfg)
+    model = tiny_model("sdpa")
+    sa.shard(model, cfg, rt)
+    mine, cached = [], sa.inspect_cached
+    sa.inspect_cached = lambda cfg, rt, model, tok, slots, *a: mine.extend(slots) or cached(cfg, rt, model, tok, slots, *a)
+    items = sa.inspect(cfg, rt, model, tiny_tokenizer(), encs, cycle=1)
+    (out / f"rank{rt.rank}.json").write_text(json.dumps({"mine": mine, "items": [(i.row, i.t, i.agent) for i in items]}))
+
+
+def test_fsdp_inspection_covers_every_trajectory_once(tmp_path):
+    """2 FSDP ranks: each inspects its own trajectories (3 and 2 of 5, so they generate for different lengths with
+    gathered parameters), every (trajectory, step, sample) exactly once, and both get back one process's items."""
+    encs = [encode(make_traj(3, seed=30 + i)) for i in range(5)]
+    cfg = small_cfg(steps_per_trajectory=2, samples_per_step=2, temperature=0.0, dist="fsdp")
+    run_ranks(_inspect_on_a_rank, tmp_path, cfg, encs)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one = sa.inspect(replace(cfg, dist="auto"), CPU, tiny_model("sdpa"), tiny_tokenizer(), encs, cycle=1)
+    slots = sorted([i.row, i.t] for i in one)
+    assert len(slots) == 5 * 2 * 2 and sorted(ranks[0]["mine"] + ranks[1]["mine"]) == slots
+    assert {row for row, _ in ranks[0]["mine"]} == {0, 2, 4} and {row for row, _ in ranks[1]["mine"]} == {1, 3}
+    assert ranks[0]["items"] == ranks[1]["items"] == [[i.row, i.t, i.agent] for i in one]
+
+
+def test_fsdp_resume_reproduces_the_uninterrupted_run(fsdp_runs, tmp_path):
+    """2 FSDP ranks killed after SFT step 1 (its sharded optimizer state saved by each rank) and resumed with --resume
+    log what the uninterrupted 2-rank run logged, metric for metric."""
+    _, two, b = fsdp_runs
+    kept = [c for c in sorted(b.glob("ckpt-[0-9]*"))
+            if torch.load(c / "state.pt", weights_only=True).get("sft_step") == 1]
+    assert len(kept) == 1 and sorted(p.name for p in (kept[0] / "optimizer").iterdir())[:1] == [".metadata"]
+    for c in sorted(b.glob("ckpt-[0-9]*")):
+        if c != kept[0]:
+            shutil.rmtree(c)  # as if killed during SFT step 2
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"t": 9, "stage": "sf')  # killed mid-write
+    tiny = json.loads((two / "config.json").read_text())["model"]
+    run_ranks(sa.main, ["--model", tiny, "--out", str(b), "--grad-accum", "2", "--dist", "fsdp", "--resume", *TWO_RANKS])
+    assert_same_metrics(read_metrics(two), read_metrics(b))
+
+
 def write_jsonl(path: Path, trajs: list[Trajectory]) -> Path:
     recs = [{"id": t.id, "initial_observation": t.task, "steps": [{"action": s.action, "observation": s.observation}
                                                                   for s in t.steps]} for t in trajs]
