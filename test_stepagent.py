@@ -1073,7 +1073,7 @@ def run_ranks(fn, *args, world: int = 2, timeout: float = 180) -> None:
 
 
 TWO_RANKS = ["--max-trajectories", "8", "--cycles", "1", "--method", "implicit", "--inspect-trajectories", "4",
-             "--steps-per-trajectory", "2", "--temperature", "0", "--reflect-batch", "2", "--reflect-epochs", "1",
+             "--steps-per-trajectory", "0", "--temperature", "0", "--reflect-batch", "2", "--reflect-epochs", "1",
              "--batch-size", "1", "--heldout-steps", "4", *FAST]  # 6 training trajectories, 2 SFT steps of 4
 
 
@@ -1113,7 +1113,7 @@ def test_fsdp_on_two_ranks_matches_one_process(fsdp_runs):
     lines_one, lines_two = read_metrics(one), read_metrics(two)
     assert [ln["stage"] for ln in lines_one] == ["cycle", "sft", "sft", "cycle", "reflect", "reflect", "cycle"]
     cycle = lines_two[-1]
-    assert cycle["imp/pairs"] > 0 and cycle["inspect/steps"] == 8  # 4 trajectories × 2 steps
+    assert cycle["imp/pairs"] > 0 and cycle["inspect/steps"] > 8  # every step of 4 trajectories: ranks differ
     assert_same_metrics(lines_one, lines_two, rel=1e-5, abs_=1e-6)
     from transformers import AutoModelForCausalLM  # rank 0 wrote a plain transformers checkpoint: same weights
 
