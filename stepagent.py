@@ -267,13 +267,15 @@ def setup_runtime(cfg: Config) -> Runtime:
 def shard(model, cfg: Config, rt: Runtime) -> None:
     """--dist under torchrun: FSDP2 (auto: above 1B parameters, where DDP's fp32 weights, gradients and AdamW's two
     moments, 16 bytes a parameter on every GPU, outgrow it) shards π_θ in place; else DDP wraps training (wrap_ddp)."""
-    if cfg.grad_checkpoint:
+    if cfg.grad_checkpoint and hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    elif cfg.grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n = sum(p.numel() for p in model.parameters())
     rt.fsdp = cfg.dist == "fsdp" or (cfg.dist == "auto" and rt.world > 1 and n > 1e9)
     if rt.world > 1 or rt.fsdp:
         why = f"--dist auto: {'over' if rt.fsdp else 'at most'} 1B" if cfg.dist == "auto" else f"--dist {cfg.dist}"
-        print0(rt, f"distributed: {'FSDP2' if rt.fsdp else 'DDP'}, {rt.world} processes ({n / 1e9:.2f}B params, {why})")
+        print0(rt, f"distributed: {'FSDP2' if rt.fsdp else 'DDP'}, {rt.world} processes ({n:,} parameters, {why})")
     if rt.fsdp and rt.scaler:  # its inf check would have to be all-reduced over the shards: FSDP2 has no such scaler
         raise SystemExit("error: --dist fsdp with fp16: use --dtype bf16, or --dist ddp on GPUs without bf16")
     if rt.fsdp and rt.world > 1 and cfg.tokens_per_batch:  # FSDP all-gathers in every forward: ranks run as many
@@ -286,8 +288,10 @@ def shard(model, cfg: Config, rt: Runtime) -> None:
 def fsdp_units(model, rt: Runtime):
     """FSDP2: each decoder layer, then the root (embeddings, final norm, LM head), is a unit all-gathered for its
     forward and backward and freed after; bf16 compute on CUDA, fp32 master weights and fp32 gradient reduction."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        raise SystemExit("error: --dist fsdp needs torch >= 2.6 (FSDP2's fully_shard); upgrade or use --dist ddp") from None
     mp = MixedPrecisionPolicy(param_dtype=None if rt.dtype == torch.float32 else rt.dtype, reduce_dtype=torch.float32)
     for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
         fully_shard(layer, mp_policy=mp)
@@ -311,14 +315,16 @@ def frozen_copy(model, rt: Runtime):
 
 
 @contextmanager
-def gathered(model):
+def gathered(model, rt: Runtime):
     """FSDP: every unit's full parameters for the block (one all-gather each, bf16 on CUDA), so that each rank runs
     forwards of its own number and length (generation, π_ref passes) with no collective per forward. We gather rather
     than generate from shards: that would all-gather the whole model for every decoded token, and hang once ranks
     stop decoding at different lengths. Otherwise nothing to do."""
-    from torch.distributed.fsdp import FSDPModule
+    units = []
+    if rt.fsdp:
+        from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -781,7 +787,7 @@ def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> lis
     mine = [i for i, (row, _) in enumerate(slots) if row % rt.world == rt.rank]
     prompts = [encs[slots[i][0]].input_ids[:encs[slots[i][0]].action_spans[slots[i][1]][0]] for i in mine]  # h_t
     seed = derived_seed(cfg.seed, "inspect-sample", cycle, rt.rank)
-    with gathered(model):
+    with gathered(model, rt):
         if cfg.eval_cache and full_attention(model):  # h_t ⊂ h_{t+1}: a trajectory's prefixes share a growing cache
             replies = inspect_cached(cfg, rt, model, tok, [slots[i] for i in mine], prompts, seed, f"inspect c{cycle}")
         else:
@@ -892,7 +898,7 @@ def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected
     if len(groups) < max(1, rt.world):
         return {"imp/pairs": len(pairs)}
     one_row, ref_lp, tokens, t0 = cfg.tokens_per_batch > 0, [], 0, time.time()
-    with torch.no_grad(), gathered(ref):  # the frozen π_ref's log-probs once per cycle: (logp_e, logp_a) per row
+    with torch.no_grad(), gathered(ref, rt):  # the frozen π_ref's log-probs once per cycle: (logp_e, logp_a) per row
         for mb in micro_batches(cfg, encs, groups[rt.rank::rt.world]):  # each rank a share, then all of them
             out, n = pair_logps(ref, encs, mb, cfg.packing, rt, one_row=one_row), [len(items) for _, items in mb]
             ref_lp += zip([row for row, _ in mb], zip(out["logp_e"].cpu().split(n), out["logp_a"].cpu().split(n)))
@@ -990,7 +996,7 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     # 1. one frozen π_ref pass per trajectory: features of (h, â) and (h, a), and π_old = π_ref log-probs of a_t
     #    (π_ref is the snapshot the agent inspected with, so it is also PPO's behaviour policy).
     feats, one_row = [], cfg.tokens_per_batch > 0
-    with torch.no_grad(), gathered(ref):
+    with torch.no_grad(), gathered(ref, rt):
         for mb in tqdm(micro_batches(cfg, encs, groups[rt.rank::rt.world]), desc=f"features c{cycle}",
                        disable=not rt.is_main, leave=False):
             out, n = pair_logps(ref, encs, mb, cfg.packing, rt, hidden=True, one_row=one_row), [len(i) for _, i in mb]
@@ -1104,7 +1110,7 @@ def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: 
         return {}
     prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in heldout]
     logps, n_tok = [], 0
-    with torch.no_grad(), gathered(model):  # every rank the same steps: cheap beside a cycle
+    with torch.no_grad(), gathered(model, rt):  # every rank the same steps: cheap beside a cycle
         replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0, f"held-out c{cycle}")
         for mb in batched(heldout, gen_batch(cfg, rt)):
             packed = pack_tree([e for e, _ in mb], [[t] for _, t in mb], [[] for _ in mb], rt.device)
@@ -1270,7 +1276,7 @@ def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict
     """Evaluation (paper: experiments): play the real environment's held-out games; success per split and task type."""
     if not cfg.eval_games or not (rt.is_main or rt.fsdp):
         return {}
-    with gathered(model):  # FSDP: every rank takes part in the gather; rank 0 plays
+    with gathered(model, rt):  # FSDP: every rank takes part in the gather; rank 0 plays
         return _evaluate(cfg, rt, model, tok, run, tag) if rt.is_main else {}
 
 

@@ -1078,18 +1078,19 @@ TWO_RANKS = ["--max-trajectories", "8", "--cycles", "1", "--method", "implicit",
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """SFT + one implicit cycle, global batch 4: one plain process (grad-accum 4) and 2 FSDP ranks (grad-accum 2);
-    reflection: 2 steps of 2 trajectories. The 2 ranks stop after SFT and go on with --resume (a third directory keeps
-    their state after SFT step 1: ckpt holds the sharded optimizer)."""
-    one, two, cut = (tmp_path_factory.mktemp(name) / "run" for name in ("one", "two", "cut"))
+def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """SFT + one implicit cycle, global batch 4: one plain process (grad-accum 4), 2 FSDP ranks and 2 DDP ranks
+    (grad-accum 2); reflection: 2 steps of 2 trajectories. The FSDP ranks stop after SFT and go on with --resume (a
+    copy keeps their state after SFT step 1: that checkpoint holds the sharded optimizer state)."""
+    one, two, cut, ddp = (tmp_path_factory.mktemp(name) / "run" for name in ("one", "two", "cut", "ddp"))
     sa.main(["--model", str(tiny_dir), "--out", str(one), "--grad-accum", "4", *TWO_RANKS])
     args = ["--model", str(tiny_dir), "--out", str(two), "--grad-accum", "2", "--dist", "fsdp", "--save-every", "1",
             *TWO_RANKS]
     run_ranks(sa.main, [*args, "--cycles", "0"])
     shutil.copytree(two, cut)
     run_ranks(sa.main, [*args, "--resume"])
-    return one, two, cut
+    run_ranks(sa.main, ["--model", str(tiny_dir), "--out", str(ddp), "--grad-accum", "2", *TWO_RANKS])  # auto: DDP
+    return one, two, cut, ddp
 
 
 def assert_same_metrics(lines_a: list[dict], lines_b: list[dict], rel: float = 1e-6, abs_: float = 1e-6) -> None:
@@ -1109,7 +1110,7 @@ def test_fsdp_on_two_ranks_matches_one_process(fsdp_runs):
     """torchrun with 2 FSDP ranks on CPU (gloo) logs the same SFT and implicit-cycle metrics as one plain process with
     the same global batch (the ranks deal each step's trajectories and normalise by the step's global count), also
     across a --resume after SFT, and rank 0 writes the same weights as a plain transformers checkpoint."""
-    one, two, _ = fsdp_runs
+    one, two, _, _ = fsdp_runs
     lines_one, lines_two = read_metrics(one), read_metrics(two)
     assert [ln["stage"] for ln in lines_one] == ["cycle", "sft", "sft", "cycle", "reflect", "reflect", "cycle"]
     cycle = lines_two[-1]
@@ -1148,10 +1149,17 @@ def test_fsdp_inspection_covers_every_trajectory_once(tmp_path):
     assert ranks[0]["items"] == ranks[1]["items"] == [[i.row, i.t, i.agent] for i in one]
 
 
-def test_fsdp_resume_reproduces_the_uninterrupted_run(fsdp_runs, tmp_path):
+def test_ddp_on_two_ranks_matches_one_process(fsdp_runs):
+    """Under DDP too (--dist auto picks it for small models) 2 ranks log what one process with their global batch logs."""
+    one, _, _, ddp = fsdp_runs
+    assert_same_metrics(read_metrics(one), read_metrics(ddp), rel=1e-5, abs_=1e-6)
+
+
+def test_fsdp_resume_reproduces_the_uninterrupted_run(fsdp_runs):
     """2 FSDP ranks killed after SFT step 1 (its sharded optimizer state saved by each rank) and resumed with --resume
-    log what the uninterrupted 2-rank run logged, metric for metric."""
-    _, two, b = fsdp_runs
+    log what the uninterrupted 2-rank run logged, metric for metric; the resumed run recomputes activations in backward
+    (--grad-checkpoint), which changes nothing but memory."""
+    _, two, b, _ = fsdp_runs
     kept = [c for c in sorted(b.glob("ckpt-[0-9]*"))
             if torch.load(c / "state.pt", weights_only=True).get("sft_step") == 1]
     assert len(kept) == 1 and sorted(p.name for p in (kept[0] / "optimizer").iterdir())[:1] == [".metadata"]
@@ -1161,7 +1169,8 @@ def test_fsdp_resume_reproduces_the_uninterrupted_run(fsdp_runs, tmp_path):
     with open(b / "metrics.jsonl", "a") as f:
         f.write('{"t": 9, "stage": "sf')  # killed mid-write
     tiny = json.loads((two / "config.json").read_text())["model"]
-    run_ranks(sa.main, ["--model", tiny, "--out", str(b), "--grad-accum", "2", "--dist", "fsdp", "--resume", *TWO_RANKS])
+    run_ranks(sa.main, ["--model", tiny, "--out", str(b), "--grad-accum", "2", "--dist", "fsdp", "--resume",
+                        "--grad-checkpoint", *TWO_RANKS])
     assert_same_metrics(read_metrics(two), read_metrics(b))
 
 
