@@ -6,7 +6,7 @@ or inverse RL) -> cycles -> evaluation in the real environment.
 
     python stepagent.py --env alfworld                                     # CPU: small preset, embedded 135M model
     python stepagent.py --env alfworld --preset paper --model meta-llama/Meta-Llama-3-8B-Instruct   # one GPU
-    torchrun --standalone --nproc_per_node 8 stepagent.py --preset paper --model ...             # 8 GPUs (DDP)
+    torchrun --standalone --nproc_per_node 8 stepagent.py --preset paper --grad-accum 2 --model ...  # 8 GPUs (FSDP2)
 
 Symbols (paper -> code):
     u, o_t, â_t       task, observation, expert action        data.Trajectory.task / Step.observation / Step.action

@@ -1125,18 +1125,28 @@ def test_fsdp_on_two_ranks_matches_one_process(fsdp_runs):
 
 
 def _inspect_on_a_rank(out: Path, cfg: sa.Config, encs: list) -> None:
-    """One rank: inspect with the FSDP-sharded tiny model; write the slots it generated and the items it got back."""
+    """One rank: shard the tiny model (and π_ref), inspect; write the shards it holds, the slots it generated and the
+    items it got back."""
+    from torch.distributed.fsdp import FSDPModule
+
     rt = sa.setup_runtime(cfg)
     model = tiny_model("sdpa")
     sa.shard(model, cfg, rt)
+    ref = sa.frozen_copy(model, rt)
+    plan = {"units": [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)],
+            "shards": [(p.to_local().numel(), p.numel(), p.numel() // p.shape[0]) for p in model.parameters()],
+            "ref_same": all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(ref.parameters(), model.parameters())),
+            "ref_frozen": not any(p.requires_grad for p in ref.parameters())}
     mine, cached = [], sa.inspect_cached
     sa.inspect_cached = lambda cfg, rt, model, tok, slots, *a: mine.extend(slots) or cached(cfg, rt, model, tok, slots, *a)
     items = sa.inspect(cfg, rt, model, tiny_tokenizer(), encs, cycle=1)
-    (out / f"rank{rt.rank}.json").write_text(json.dumps({"mine": mine, "items": [(i.row, i.t, i.agent) for i in items]}))
+    (out / f"rank{rt.rank}.json").write_text(json.dumps({"mine": mine, "items": [(i.row, i.t, i.agent) for i in items],
+                                                         **plan}))
 
 
-def test_fsdp_inspection_covers_every_trajectory_once(tmp_path):
-    """2 FSDP ranks: each inspects its own trajectories (3 and 2 of 5, so they generate for different lengths with
+def test_fsdp_sharding_plan_and_inspection_covers_every_trajectory_once(tmp_path):
+    """2 FSDP ranks: each decoder layer and the root are units, each rank holds half of every parameter, π_ref the same
+    shards, frozen. Each rank inspects its own trajectories (3 and 2 of 5, so they generate for different lengths with
     gathered parameters), every (trajectory, step, sample) exactly once, and both get back one process's items."""
     encs = [encode(make_traj(3, seed=30 + i)) for i in range(5)]
     cfg = small_cfg(steps_per_trajectory=2, samples_per_step=2, temperature=0.0, dist="fsdp")
@@ -1147,6 +1157,11 @@ def test_fsdp_inspection_covers_every_trajectory_once(tmp_path):
     assert len(slots) == 5 * 2 * 2 and sorted(ranks[0]["mine"] + ranks[1]["mine"]) == slots
     assert {row for row, _ in ranks[0]["mine"]} == {0, 2, 4} and {row for row, _ in ranks[1]["mine"]} == {1, 3}
     assert ranks[0]["items"] == ranks[1]["items"] == [[i.row, i.t, i.agent] for i in one]
+    for rank in ranks:
+        assert rank["units"] == ["FSDPLlamaForCausalLM", "FSDPLlamaDecoderLayer", "FSDPLlamaDecoderLayer"]
+        assert all(abs(2 * local - full) <= row for local, full, row in rank["shards"])  # dim 0 split in two
+        assert rank["ref_same"] and rank["ref_frozen"]
+    assert [a[0] + b[0] for a, b in zip(ranks[0]["shards"], ranks[1]["shards"])] == [s[1] for s in ranks[0]["shards"]]
 
 
 def test_ddp_on_two_ranks_matches_one_process(fsdp_runs):
