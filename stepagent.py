@@ -37,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning Op
 import argparse
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -236,8 +237,8 @@ def setup_runtime(cfg: Config) -> Runtime:
     """One place decides device, precision and distributed setup (torchrun's env vars; a no-op for one process)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available()
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if world > 1:  # rank 0 plays the evaluation games alone; the others wait at their next collective (not 10 min)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     elif cfg.dist == "fsdp":  # FSDP2 at world size 1 (a memory baseline) still needs a process group
         torch.distributed.init_process_group("nccl" if cuda else "gloo", store=torch.distributed.HashStore(), rank=0,
                                              world_size=1)
