@@ -1275,13 +1275,8 @@ def auto_eval_batch(rt: Runtime) -> int:
 
 def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
     """Evaluation (paper: experiments): play the real environment's held-out games; success per split and task type."""
-    if not cfg.eval_games or not (rt.is_main or rt.fsdp):
+    if not cfg.eval_games or not rt.is_main:
         return {}
-    with gathered(model, rt):  # FSDP: every rank takes part in the gather; rank 0 plays
-        return _evaluate(cfg, rt, model, tok, run, tag) if rt.is_main else {}
-
-
-def _evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
     summaries, batch = {}, cfg.eval_batch or auto_eval_batch(rt)
     print0(rt, f"evaluation: {batch} games at a time" + ("" if cfg.eval_batch else " (--eval-batch 0: this machine's)"))
     for split in [s for s in cfg.eval_splits.split(",") if s]:
@@ -1514,10 +1509,12 @@ def train(cfg: Config) -> dict:
         run.log(stage="cycle", **row)
         run.save(model, dict(stage="cycle", cycle=cycle))
         if cfg.eval_every and cycle % cfg.eval_every == 0 and cycle < cfg.cycles:
-            evaluate(cfg, rt, model, tok, run, f"cycle{cycle}")
+            with gathered(model, rt):  # FSDP: every rank joins the gather, rank 0 plays
+                evaluate(cfg, rt, model, tok, run, f"cycle{cycle}")
     print0(rt, "\n" + format_table(table))
     # 6. evaluation in the real environment
-    summaries = evaluate(cfg, rt, model, tok, run, "final")
+    with gathered(model, rt):
+        summaries = evaluate(cfg, rt, model, tok, run, "final")
     print0(rt, f"run directory: {run.dir} (checkpoint: {_checkpoints(run.dir)[-1]})")
     return {"table": table, "eval": summaries, "out": str(run.dir), "train_ids": [e.traj.id for e in train_e]}
 
