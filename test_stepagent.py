@@ -1072,24 +1072,25 @@ def run_ranks(fn, *args, world: int = 2, timeout: float = 180) -> None:
             pytest.fail(f"{world} ranks still running after {timeout} s (a collective that one rank never reached?)")
 
 
-TWO_RANKS = ["--max-trajectories", "8", "--cycles", "1", "--method", "implicit", "--inspect-trajectories", "4",
-             "--steps-per-trajectory", "0", "--temperature", "0", "--reflect-batch", "2", "--reflect-epochs", "1",
-             "--batch-size", "1", "--heldout-steps", "4", *FAST]  # 6 training trajectories, 2 SFT steps of 4
+TWO_RANKS = ["--max-trajectories", "8", "--cycles", "1", "--method", "implicit", "--inspect-trajectories", "2",
+             "--steps-per-trajectory", "0", "--temperature", "0", "--reflect-batch", "2", "--reflect-epochs", "2",
+             "--batch-size", "2", "--heldout-steps", "4", *FAST,
+             "--max-length", "1024", "--on-too-long", "truncate"]  # 6 training trajectories: 2 SFT steps of 4
 
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, Path, Path, Path]:
-    """SFT + one implicit cycle, global batch 4: one plain process (grad-accum 4), 2 FSDP ranks and 2 DDP ranks
-    (grad-accum 2); reflection: 2 steps of 2 trajectories. The FSDP ranks stop after SFT and go on with --resume (a
+    """SFT + one implicit cycle, global batch 4: one plain process (2 rows × grad-accum 2), 2 FSDP ranks and 2 DDP ranks
+    (2 rows each); reflection: 2 epochs of one step of 2 trajectories. The FSDP ranks stop after SFT and go on with --resume (a
     copy keeps their state after SFT step 1: that checkpoint holds the sharded optimizer state)."""
     one, two, cut, ddp = (tmp_path_factory.mktemp(name) / "run" for name in ("one", "two", "cut", "ddp"))
-    sa.main(["--model", str(tiny_dir), "--out", str(one), "--grad-accum", "4", *TWO_RANKS])
-    args = ["--model", str(tiny_dir), "--out", str(two), "--grad-accum", "2", "--dist", "fsdp", "--save-every", "1",
+    sa.main(["--model", str(tiny_dir), "--out", str(one), "--grad-accum", "2", *TWO_RANKS])
+    args = ["--model", str(tiny_dir), "--out", str(two), "--grad-accum", "1", "--dist", "fsdp", "--save-every", "1",
             *TWO_RANKS]
     run_ranks(sa.main, [*args, "--cycles", "0"])
     shutil.copytree(two, cut)
     run_ranks(sa.main, [*args, "--resume"])
-    run_ranks(sa.main, ["--model", str(tiny_dir), "--out", str(ddp), "--grad-accum", "2", *TWO_RANKS])  # auto: DDP
+    run_ranks(sa.main, ["--model", str(tiny_dir), "--out", str(ddp), "--grad-accum", "1", *TWO_RANKS])  # auto: DDP
     return one, two, cut, ddp
 
 
@@ -1114,7 +1115,7 @@ def test_fsdp_on_two_ranks_matches_one_process(fsdp_runs):
     lines_one, lines_two = read_metrics(one), read_metrics(two)
     assert [ln["stage"] for ln in lines_one] == ["cycle", "sft", "sft", "cycle", "reflect", "reflect", "cycle"]
     cycle = lines_two[-1]
-    assert cycle["imp/pairs"] > 0 and cycle["inspect/steps"] > 8  # every step of 4 trajectories: ranks differ
+    assert cycle["imp/pairs"] > 0 and cycle["inspect/steps"] > 8  # every step of 2 trajectories: ranks differ
     assert_same_metrics(lines_one, lines_two, rel=1e-5, abs_=1e-6)
     from transformers import AutoModelForCausalLM  # rank 0 wrote a plain transformers checkpoint: same weights
 
@@ -1184,7 +1185,7 @@ def test_fsdp_resume_reproduces_the_uninterrupted_run(fsdp_runs):
     with open(b / "metrics.jsonl", "a") as f:
         f.write('{"t": 9, "stage": "sf')  # killed mid-write
     tiny = json.loads((two / "config.json").read_text())["model"]
-    run_ranks(sa.main, ["--model", tiny, "--out", str(b), "--grad-accum", "2", "--dist", "fsdp", "--resume",
+    run_ranks(sa.main, ["--model", tiny, "--out", str(b), "--grad-accum", "1", "--dist", "fsdp", "--resume",
                         "--grad-checkpoint", *TWO_RANKS])
     assert_same_metrics(read_metrics(two), read_metrics(b))
 
