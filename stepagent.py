@@ -45,7 +45,8 @@ import random
 import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,7 +277,7 @@ def shard(model, cfg: Config, rt: Runtime) -> None:
     rt.fsdp = cfg.dist == "fsdp" or (cfg.dist == "auto" and rt.world > 1 and n > 1e9)
     if rt.world > 1 or rt.fsdp:
         why = f"--dist auto: {'over' if rt.fsdp else 'at most'} 1B" if cfg.dist == "auto" else f"--dist {cfg.dist}"
-        print0(rt, f"distributed: {'FSDP2' if rt.fsdp else 'DDP'}, {rt.world} processes ({n:,} parameters, {why})")
+        print0(rt, f"distributed: {'FSDP2' if rt.fsdp else 'DDP'}, world size {rt.world} ({n:,} parameters, {why})")
     if rt.fsdp and rt.scaler:  # its inf check would have to be all-reduced over the shards: FSDP2 has no such scaler
         raise SystemExit("error: --dist fsdp with fp16: use --dtype bf16, or --dist ddp on GPUs without bf16")
     if rt.fsdp and rt.world > 1 and cfg.tokens_per_batch:  # FSDP all-gathers in every forward: ranks run as many
@@ -286,7 +287,7 @@ def shard(model, cfg: Config, rt: Runtime) -> None:
         fsdp_units(model, rt)
 
 
-def fsdp_units(model, rt: Runtime):
+def fsdp_units(model, rt: Runtime) -> nn.Module:
     """FSDP2: each decoder layer, then the root (embeddings, final norm, LM head), is a unit all-gathered for its
     forward and backward and freed after; bf16 compute on CUDA, fp32 master weights and fp32 gradient reduction."""
     try:
@@ -299,7 +300,7 @@ def fsdp_units(model, rt: Runtime):
     return fully_shard(model, mp_policy=mp)
 
 
-def frozen_copy(model, rt: Runtime):
+def frozen_copy(model, rt: Runtime) -> nn.Module:
     """π_ref: a frozen copy of π_θ, sharded as π_θ is and never in an optimizer. An FSDP module refuses deepcopy, so
     the copy is built on the meta device and gets π_θ's own shards (a local copy; buffers such as RoPE's too)."""
     if not rt.fsdp:
@@ -316,7 +317,7 @@ def frozen_copy(model, rt: Runtime):
 
 
 @contextmanager
-def gathered(model, rt: Runtime):
+def gathered(model, rt: Runtime) -> Iterator[None]:
     """FSDP: every unit's full parameters for the block (one all-gather each, bf16 on CUDA), so that each rank runs
     forwards of its own number and length (generation, π_ref passes) with no collective per forward. We gather rather
     than generate from shards: that would all-gather the whole model for every decoded token, and hang once ranks
@@ -718,7 +719,7 @@ def wrap_ddp(model, rt: Runtime):
     return rt.ddp
 
 
-def no_sync(ddp, rt: Runtime):
+def no_sync(ddp, rt: Runtime) -> AbstractContextManager:
     """A micro-batch that is not its step's last: DDP skips its all-reduce. FSDP reduce-scatters every micro-batch
     (deferring it would hold a full-size gradient on every GPU); every rank runs as many of them."""
     return ddp.no_sync() if rt.world > 1 and not rt.fsdp else nullcontext()
@@ -1106,23 +1107,24 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
 
 def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: int) -> dict:
     """The paper's claim, measured: over cycles the agent's greedy action at h_t should match â_t more often and
-    log π_θ(â_t|h_t) should rise, on a fixed set of held-out expert steps."""
+    log π_θ(â_t|h_t) should rise, on a fixed set of held-out expert steps (under torchrun each rank a share)."""
     if not heldout:
         return {}
-    prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in heldout]
-    logps, n_tok = [], 0
-    with torch.no_grad(), gathered(model, rt):  # every rank the same steps: cheap beside a cycle
+    mine = heldout[rt.rank::rt.world]
+    prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in mine]
+    logps, n_tok = [torch.zeros(0, device=rt.device)], 0
+    with torch.no_grad(), gathered(model, rt):
         replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0, f"held-out c{cycle}")
-        for mb in batched(heldout, gen_batch(cfg, rt)):
+        for mb in batched(mine, gen_batch(cfg, rt)):
             packed = pack_tree([e for e, _ in mb], [[t] for _, t in mb], [[] for _ in mb], rt.device)
             with rt.autocast():
                 logps.append(action_logps(model, packed)["seq_logp"])
             n_tok += sum(e.action_spans[t][1] - e.action_spans[t][0] for e, t in mb)
     same = data.normalize_action
-    agree = [same(r) == same(enc.traj.steps[t].action) for r, (enc, t) in zip(replies, heldout)]
-    logp = torch.cat(logps)
-    return {"cycle/agreement": float(np.mean(agree)), "cycle/logp_expert": logp.mean().item(),
-            "cycle/nll_expert_token": -logp.sum().item() / n_tok}
+    agree = sum(same(r) == same(enc.traj.steps[t].action) for r, (enc, t) in zip(replies, mine))
+    n, agree, logp, n_tok = sum_over_ranks(torch.stack([torch.tensor(float(x), device=rt.device) for x in (
+        len(mine), agree, torch.cat(logps).sum(), n_tok)]), rt).tolist()  # sums over all ranks' steps
+    return {"cycle/agreement": agree / n, "cycle/logp_expert": logp / n, "cycle/nll_expert_token": -logp / n_tok}
 
 
 def make_act_fn(cfg: Config, rt: Runtime, model, tok):
