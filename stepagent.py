@@ -269,10 +269,8 @@ def setup_runtime(cfg: Config) -> Runtime:
 def shard(model, cfg: Config, rt: Runtime) -> None:
     """--dist under torchrun: FSDP2 (auto: above 1B parameters, where DDP's fp32 weights, gradients and AdamW's two
     moments, 16 bytes a parameter on every GPU, outgrow it) shards π_θ in place; else DDP wraps training (wrap_ddp)."""
-    if cfg.grad_checkpoint and hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    elif cfg.grad_checkpoint:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpoint:  # transformers 5 renamed gradient_checkpointing_enable (same first argument)
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
     n = sum(p.numel() for p in model.parameters())
     rt.fsdp = cfg.dist == "fsdp" or (cfg.dist == "auto" and rt.world > 1 and n > 1e9)
     if rt.world > 1 or rt.fsdp:

@@ -898,6 +898,26 @@ def test_every_parameter_changes_after_one_step(stage):
     assert all(p.grad is None for p in params)  # zeroed for the next step
 
 
+def test_grad_checkpoint_keeps_fewer_activations_and_the_same_gradients():
+    """--grad-checkpoint: the decoder layers save far fewer tensors for backward (they recompute them), and the
+    gradients of the SFT loss are the same."""
+    enc = encode(make_traj(3, seed=90))
+    packed = sa.pack_tree([enc], [[0, 1, 2]], [[]], "cpu")
+    grads, saved = [], []
+    for on in (False, True):
+        model = tiny_model("sdpa").train()
+        sa.shard(model, small_cfg(grad_checkpoint=on), replace(CPU))
+        count = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.__setitem__(0, count[0] + 1) or t, lambda t: t):
+            loss = sa.nll_loss(sa.action_logps(model, packed)["tok_logp"])
+        loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+        saved.append(count[0])
+    assert saved[1] < saved[0] / 2, saved
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+
+
 def test_sft_logs_the_learning_rate_each_step_used():
     """SFT's schedule: linear warm-up, then cosine decay toward 10%; sft/lr is the rate the logged step trained with."""
     model = tiny_model("sdpa")
