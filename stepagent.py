@@ -138,6 +138,8 @@ class Config:
                   ("packing", self.packing in ("tree", "pairs"), "tree or pairs"),
                   ("dtype", self.dtype in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
                   ("dist", self.dist in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp"),
+                  ("reflect-batch", self.reflect_batch % int(os.environ.get("WORLD_SIZE", 1)) == 0,  # dealt to ranks
+                   f"a multiple of the {os.environ.get('WORLD_SIZE')} processes (trajectories per step, all ranks)"),
                   ("attn", self.attn in ATTN, ", ".join(ATTN)),
                   ("tokens-per-batch", self.tokens_per_batch >= 0, ">= 0"),
                   ("on-too-long", self.on_too_long in ("skip", "truncate"), "skip or truncate"),
@@ -1431,9 +1433,6 @@ def train(cfg: Config) -> dict:
     if cfg.resume and ckpt is None:
         print0(rt, f"--resume: no complete checkpoint in {out}, starting fresh")
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    if cfg.reflect_batch % rt.world:
-        raise SystemExit(f"error: --reflect-batch {cfg.reflect_batch}: expected a multiple of the {rt.world} processes "
-                         "(trajectories per reflection step, dealt across them)")
     if cfg.packing == "tree" and cfg.attn not in ("sdpa", "eager", "flex_attention"):
         print0(rt, f"--attn {cfg.attn} ignores 4-D attention masks: using --packing pairs")
         cfg.packing = "pairs"

@@ -1249,6 +1249,21 @@ def test_bad_input_fails_early_with_one_line(tiny_dir, tmp_path):
     assert "--out" in msg and str(used) in msg and "--resume" in msg and "\n" not in msg
 
 
+def test_distributed_flags_fail_early_with_one_line(monkeypatch):
+    """An unknown --dist, a --reflect-batch that torchrun's ranks cannot share equally, and what FSDP cannot do (fp16,
+    token-budget micro-batches on several ranks) each stop the run with one line naming the flag."""
+    with pytest.raises(SystemExit, match="--dist='zero3': expected auto, ddp or fsdp"):
+        sa.parse_config(["--dist", "zero3"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--reflect-batch=3: expected a multiple of the 2 processes"):
+        sa.parse_config(["--reflect-batch", "3"])
+    assert sa.parse_config(["--reflect-batch", "4"]).reflect_batch == 4
+    with pytest.raises(SystemExit, match="--tokens-per-batch with --dist fsdp"):
+        sa.shard(tiny_model(), small_cfg(dist="fsdp", tokens_per_batch=512), replace(CPU, world=2))
+    with pytest.raises(SystemExit, match="--dist fsdp with fp16: use --dtype bf16"):
+        sa.shard(tiny_model(), small_cfg(dist="fsdp"), replace(CPU, scaler=object()))
+
+
 # ============================================================================= envs.py: real engines
 
 ALFWORLD = envs.alfworld_data_dir()
