@@ -293,7 +293,7 @@ def fsdp_units(model, rt: Runtime) -> nn.Module:
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:
-        raise SystemExit("error: --dist fsdp needs torch >= 2.6 (FSDP2's fully_shard); upgrade or use --dist ddp") from None
+        raise SystemExit("error: --dist fsdp needs torch >= 2.6 (FSDP2's fully_shard); use --dist ddp") from None
     mp = MixedPrecisionPolicy(param_dtype=None if rt.dtype == torch.float32 else rt.dtype, reduce_dtype=torch.float32)
     for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
         fully_shard(layer, mp_policy=mp)
@@ -1114,7 +1114,8 @@ def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: 
     prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in mine]
     logps, n_tok = [torch.zeros(0, device=rt.device)], 0
     with torch.no_grad(), gathered(model, rt):
-        replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0, f"held-out c{cycle}")
+        replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0,
+                           f"held-out c{cycle}")
         for mb in batched(mine, gen_batch(cfg, rt)):
             packed = pack_tree([e for e, _ in mb], [[t] for _, t in mb], [[] for _ in mb], rt.device)
             with rt.autocast():

@@ -1081,7 +1081,8 @@ def _as_rank(rank: int, world: int, port: int, fn, *args) -> None:
 
 
 def run_ranks(fn, *args, world: int = 2, timeout: float = 180) -> None:
-    """Run fn(*args) in `world` spawned processes as torchrun would; a rank's exception fails the test, a hang too."""
+    """Run fn(*args) in `world` processes as torchrun would; a rank's exception fails the test, a hang too. Forked:
+    they inherit the imported modules (spawned ones would import torch and transformers again, ~10 s)."""
     ctx = torch.multiprocessing.start_processes(_as_rank, args=(world, _free_port(), fn, *args), nprocs=world,
                                                 join=False, start_method="fork")
     deadline = time.time() + timeout
@@ -1100,9 +1101,9 @@ TWO_RANKS = ["--max-trajectories", "8", "--cycles", "1", "--method", "implicit",
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, Path, Path, Path]:
-    """SFT + one implicit cycle, global batch 4: one plain process (2 rows × grad-accum 2), 2 FSDP ranks and 2 DDP ranks
-    (2 rows each); reflection: 2 epochs of one step of 2 trajectories. The FSDP ranks stop after SFT and go on with --resume (a
-    copy keeps their state after SFT step 1: that checkpoint holds the sharded optimizer state)."""
+    """SFT + one implicit cycle, global batch 4: one plain process (2 rows × grad-accum 2), 2 FSDP ranks and 2 DDP
+    ranks (2 rows each); reflection: 2 epochs of one step of 2 trajectories. The FSDP ranks stop after SFT and go on
+    with --resume (a copy keeps their state after SFT step 1: that checkpoint holds the sharded optimizer state)."""
     one, two, cut, ddp = (tmp_path_factory.mktemp(name) / "run" for name in ("one", "two", "cut", "ddp"))
     sa.main(["--model", str(tiny_dir), "--out", str(one), "--grad-accum", "2", *TWO_RANKS])
     args = ["--model", str(tiny_dir), "--out", str(two), "--grad-accum", "1", "--dist", "fsdp", "--save-every", "1",
@@ -1156,10 +1157,11 @@ def _inspect_on_a_rank(out: Path, cfg: sa.Config, encs: list) -> None:
     ref = sa.frozen_copy(model, rt)
     plan = {"units": [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)],
             "shards": [(p.to_local().numel(), p.numel(), p.numel() // p.shape[0]) for p in model.parameters()],
-            "ref_same": all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(ref.parameters(), model.parameters())),
+            "ref_same": all(torch.equal(a.to_local(), b.to_local())
+                            for a, b in zip(ref.parameters(), model.parameters(), strict=True)),
             "ref_frozen": not any(p.requires_grad for p in ref.parameters())}
     mine, cached = [], sa.inspect_cached
-    sa.inspect_cached = lambda cfg, rt, model, tok, slots, *a: mine.extend(slots) or cached(cfg, rt, model, tok, slots, *a)
+    sa.inspect_cached = lambda cfg, rt, m, tok, slots, *a: mine.extend(slots) or cached(cfg, rt, m, tok, slots, *a)
     items = sa.inspect(cfg, rt, model, tiny_tokenizer(), encs, cycle=1)
     (out / f"rank{rt.rank}.json").write_text(json.dumps({"mine": mine, "items": [(i.row, i.t, i.agent) for i in items],
                                                          **plan}))
@@ -1186,15 +1188,16 @@ def test_fsdp_sharding_plan_and_inspection_covers_every_trajectory_once(tmp_path
 
 
 def test_ddp_on_two_ranks_matches_one_process(fsdp_runs):
-    """Under DDP too (--dist auto picks it for small models) 2 ranks log what one process with their global batch logs."""
+    """Under DDP too (--dist auto picks it for small models) 2 ranks log what one process with their global batch
+    logs."""
     one, _, _, ddp = fsdp_runs
     assert_same_metrics(read_metrics(one), read_metrics(ddp), rel=1e-5, abs_=1e-6)
 
 
 def test_fsdp_resume_reproduces_the_uninterrupted_run(fsdp_runs):
-    """2 FSDP ranks killed after SFT step 1 (its sharded optimizer state saved by each rank) and resumed with --resume
-    log what the uninterrupted 2-rank run logged, metric for metric; the resumed run recomputes activations in backward
-    (--grad-checkpoint), which changes nothing but memory."""
+    """2 FSDP ranks killed during SFT step 2 (what a kill leaves: the step-1 checkpoint with each rank's optimizer
+    shard, a torn metrics line) and resumed with --resume log what the uninterrupted 2-rank run logged, metric for
+    metric; the resumed run recomputes activations in backward (--grad-checkpoint), which changes nothing but memory."""
     _, two, b, _ = fsdp_runs
     kept = [c for c in sorted(b.glob("ckpt-[0-9]*"))
             if torch.load(c / "state.pt", weights_only=True).get("sft_step") == 1]

@@ -71,7 +71,8 @@ def one_mode(mode: str, model: Path, out: Path, tiny: bool) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"mode": mode, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "peak_GiB": round(peak / 2**30, 2), "peak_is": "max_memory_allocated" if cuda else "max RSS (process)",
-            "sft_steps": len(sft), "s_per_sft_step": round((sft[-1]["time"] - sft[0]["time"]) / max(1, len(sft) - 1), 3),
+            "sft_steps": len(sft),
+            "s_per_sft_step": round((sft[-1]["time"] - sft[0]["time"]) / max(1, len(sft) - 1), 3),
             "sft_loss": [round(ln["sft/loss"], 4) for ln in sft], "seconds": round(time.time() - t0, 1)}
 
 
