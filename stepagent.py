@@ -6,7 +6,7 @@ or inverse RL) -> cycles -> evaluation in the real environment.
 
     python stepagent.py --env alfworld                                     # CPU: small preset, embedded 135M model
     python stepagent.py --env alfworld --preset paper --model meta-llama/Meta-Llama-3-8B-Instruct   # one GPU
-    torchrun --standalone --nproc_per_node 8 stepagent.py --preset paper --model ...             # 8 GPUs (DDP)
+    torchrun --standalone --nproc_per_node 8 stepagent.py --preset paper --grad-accum 2 --model ...  # 8 GPUs (FSDP2)
 
 Symbols (paper -> code):
     u, o_t, â_t       task, observation, expert action        data.Trajectory.task / Step.observation / Step.action
@@ -37,6 +37,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: spinning Op
 import argparse
 import copy
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -44,7 +45,8 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,11 +130,16 @@ class Config:
     # --- system
     deterministic: bool = False  # torch.use_deterministic_algorithms(True): bitwise-repeatable kernels, slower
     compile: bool = False  # torch.compile the training forwards (dynamic shapes); off until a GPU bench shows it pays
+    dist: str = "auto"  # fsdp (FSDP2: params, grads, AdamW state sharded) | ddp | auto (torchrun: fsdp above 1B params)
+    grad_checkpoint: bool = False  # recompute each decoder layer's activations in backward: less memory, ~1/3 more time
 
     def __post_init__(self):
         checks = [("method", self.method in ("implicit", "inverse"), "implicit or inverse"),
                   ("packing", self.packing in ("tree", "pairs"), "tree or pairs"),
                   ("dtype", self.dtype in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
+                  ("dist", self.dist in ("auto", "ddp", "fsdp"), "auto, ddp or fsdp"),
+                  ("reflect-batch", self.reflect_batch % int(os.environ.get("WORLD_SIZE", 1)) == 0,  # dealt to ranks
+                   f"a multiple of the {os.environ.get('WORLD_SIZE')} processes (trajectories per step, all ranks)"),
                   ("attn", self.attn in ATTN, ", ".join(ATTN)),
                   ("tokens-per-batch", self.tokens_per_batch >= 0, ">= 0"),
                   ("on-too-long", self.on_too_long in ("skip", "truncate"), "skip or truncate"),
@@ -239,6 +246,7 @@ class Runtime:
     scaler: torch.amp.GradScaler | None = None
     ddp: nn.Module | None = None  # the policy's DDP (world > 1) and/or torch.compile wrapper, made once
     compile: bool = False  # --compile: training forwards go through torch.compile
+    fsdp: bool = False  # π_θ and π_ref are sharded with FSDP2 (shard()), not wrapped in DDP
 
     @property
     def is_main(self) -> bool:
@@ -254,8 +262,11 @@ def setup_runtime(cfg: Config) -> Runtime:
     """One place decides device, precision and distributed setup (torchrun's env vars; a no-op for one process)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     cuda = torch.cuda.is_available()
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if world > 1:  # rank 0 plays the evaluation games alone; the others wait at their next collective (not 10 min)
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
+    elif cfg.dist == "fsdp":  # FSDP2 at world size 1 (a memory baseline) still needs a process group
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", store=torch.distributed.HashStore(), rank=0,
+                                             world_size=1)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -277,6 +288,102 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return rt
+
+
+def shard(model, cfg: Config, rt: Runtime) -> None:
+    """--dist under torchrun: FSDP2 (auto: above 1B parameters, where DDP's fp32 weights, gradients and AdamW's two
+    moments, 16 bytes a parameter on every GPU, outgrow it) shards π_θ in place; else DDP wraps training (wrap_ddp)."""
+    if cfg.grad_checkpoint:  # transformers 5 renamed gradient_checkpointing_enable (same first argument)
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)({"use_reentrant": False})
+    n = sum(p.numel() for p in model.parameters())
+    rt.fsdp = cfg.dist == "fsdp" or (cfg.dist == "auto" and rt.world > 1 and n > 1e9)
+    if rt.world > 1 or rt.fsdp:
+        why = f"--dist auto: {'over' if rt.fsdp else 'at most'} 1B" if cfg.dist == "auto" else f"--dist {cfg.dist}"
+        print0(rt, f"distributed: {'FSDP2' if rt.fsdp else 'DDP'}, world size {rt.world} ({n:,} parameters, {why})")
+    if rt.fsdp and rt.scaler:  # its inf check would have to be all-reduced over the shards: FSDP2 has no such scaler
+        raise SystemExit("error: --dist fsdp with fp16: use --dtype bf16, or --dist ddp on GPUs without bf16")
+    if rt.fsdp and rt.world > 1 and cfg.tokens_per_batch:  # FSDP all-gathers in every forward: ranks run as many
+        raise SystemExit("error: --tokens-per-batch with --dist fsdp: ranks would run different numbers of forwards; "
+                         "use --batch-size (or --dist ddp)")
+    if rt.fsdp:
+        fsdp_units(model, rt)
+
+
+def fsdp_units(model, rt: Runtime) -> nn.Module:
+    """FSDP2: each decoder layer, then the root (embeddings, final norm, LM head), is a unit all-gathered for its
+    forward and backward and freed after; bf16 compute on CUDA, fp32 master weights and fp32 gradient reduction."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        raise SystemExit("error: --dist fsdp needs torch >= 2.6 (FSDP2's fully_shard); use --dist ddp") from None
+    mp = MixedPrecisionPolicy(param_dtype=None if rt.dtype == torch.float32 else rt.dtype, reduce_dtype=torch.float32)
+    for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def frozen_copy(model, rt: Runtime) -> nn.Module:
+    """π_ref: a frozen copy of π_θ, sharded as π_θ is and never in an optimizer. An FSDP module refuses deepcopy, so
+    the copy is built on the meta device and gets π_θ's own shards (a local copy; buffers such as RoPE's too)."""
+    if not rt.fsdp:
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(model.config, attn_implementation=model.config._attn_implementation)
+    fsdp_units(ref, rt).to_empty(device=rt.device)
+    ref.load_state_dict(model.state_dict())
+    for b_ref, b in zip(ref.buffers(), model.buffers()):
+        b_ref.copy_(b)
+    return ref.eval().requires_grad_(False)
+
+
+@contextmanager
+def gathered(model, rt: Runtime) -> Iterator[None]:
+    """FSDP: every unit's full parameters for the block (one all-gather each, bf16 on CUDA), so that each rank runs
+    forwards of its own number and length (generation, π_ref passes) with no collective per forward. We gather rather
+    than generate from shards: that would all-gather the whole model for every decoded token, and hang once ranks
+    stop decoding at different lengths. Otherwise nothing to do."""
+    units = []
+    if rt.fsdp:
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in units:
+            m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its own for backward (FSDP2)
+            m.reshard()
+
+
+def sum_over_ranks(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Σ over ranks of the counts and sums that a global mean is made of (a no-op for one process)."""
+    if rt.world > 1:
+        x = x.detach().clone()
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def mean_over_ranks(stats: dict, n: int, rt: Runtime) -> dict:
+    """Means over all ranks' items from each rank's means over its n: exactly the one-process statistics."""
+    if rt.world == 1:
+        return stats
+    x = sum_over_ranks(torch.stack([torch.as_tensor(v, device=rt.device).float() * n for v in stats.values()] +
+                                   [torch.tensor(float(n), device=rt.device)]), rt)
+    return dict(zip(stats, x[:-1] / x[-1]))
+
+
+def all_gather(items: list, rt: Runtime) -> list:
+    """Every rank's items (host objects: tensors on the CPU), concatenated in rank order; one pickled exchange."""
+    if rt.world == 1:
+        return items
+    parts: list = [None] * rt.world
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
 
 
 def print0(rt: Runtime, *args) -> None:
@@ -314,6 +421,7 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, rt: Runtime, 
     if rt.scaler:
         rt.scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else torch.zeros((), device=rt.device)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor over the shards' norms
     if rt.scaler:
         rt.scaler.step(opt)
         rt.scaler.update()
@@ -576,62 +684,67 @@ def warmup_cosine(total: int, warmup: float):
 
 def train_sft(cfg: Config, rt: Runtime, model, train: list, run: "Run", resume_state: dict | None) -> None:
     """Cross-entropy on the agent's turns only; AdamW, warm-up + cosine, clipping; resumable at any saved step."""
-    local = train[rt.rank:len(train) // rt.world * rt.world:rt.world]  # equal shards: every rank takes as many steps
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = max(1, math.ceil(len(local) / per_step))
+    usable = len(train) // rt.world * rt.world  # an epoch deals this many to the ranks: each gets as many micro-batches
+    per_step = cfg.batch_size * cfg.grad_accum * rt.world  # the global batch: a step is the same for any world size
+    steps_per_epoch = max(1, math.ceil(usable / per_step))
     total = cfg.epochs * steps_per_epoch
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, rt, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, cfg.warmup))
     start = 0
     if resume_state and resume_state["stage"] == "sft":
-        opt.load_state_dict(resume_state["optimizer"])
-        for group in opt.param_groups:  # a CUDA run's state says fused=True, which a CPU resume cannot step with
-            group["fused"] = rt.device.type == "cuda"
+        run.load_optimizer(model, opt, resume_state)
         sched.load_state_dict(resume_state["scheduler"])
         start = resume_state["sft_step"]
     ddp = wrap_ddp(model, rt)
     model.train()
     bar = tqdm(range(start, total), desc="SFT", initial=start, total=total, disable=not rt.is_main, dynamic_ncols=True)
     for k in bar:
-        order = np.random.default_rng(derived_seed(cfg.seed, "sft", k // steps_per_epoch)).permutation(len(local))
-        idx = order[(k % steps_per_epoch) * per_step:(k % steps_per_epoch + 1) * per_step]
-        step = [local[i] for i in idx]
-        micro = token_batches(step, [e.action_spans[-1][1] for e in step], cfg.tokens_per_batch, cfg.batch_size)
+        order = np.random.default_rng(derived_seed(cfg.seed, "sft", k // steps_per_epoch)).permutation(len(train))
+        step = [train[i] for i in order[:usable][(k % steps_per_epoch) * per_step:(k % steps_per_epoch + 1) * per_step]]
         n_tok = sum(e - s for enc in step for s, e in enc.action_spans)  # the step's loss: mean over all its tokens
+        mine = step[rt.rank::rt.world]
+        micro = token_batches(mine, [e.action_spans[-1][1] for e in mine], cfg.tokens_per_batch, cfg.batch_size)
         loss_sum, tokens, lr = 0.0, 0, sched.get_last_lr()[0]  # the rate this step trains with (sched.step() after)
         for m, encs in enumerate(micro):
             packed = pack_tree(encs, [list(range(len(e.action_spans))) for e in encs], [[] for _ in encs], rt.device,
                                one_row=cfg.tokens_per_batch > 0)
-            sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
-            with sync, rt.autocast():
-                loss = nll_loss(action_logps(ddp, packed)["tok_logp"], n_tok)
             last = m == len(micro) - 1
-            norm = optimizer_step(loss, opt, rt, params, cfg.max_grad_norm, sched, accumulate=not last)
+            with no_sync(ddp, rt) if not last else nullcontext():
+                with rt.autocast():
+                    loss = nll_loss(action_logps(ddp, packed)["tok_logp"], n_tok)
+                # DDP and FSDP average the ranks' gradients: × world makes it the sum, i.e. the step's token mean
+                norm = optimizer_step(loss * rt.world, opt, rt, params, cfg.max_grad_norm, sched, accumulate=not last)
             loss_sum, tokens = loss_sum + loss.detach(), tokens + packed["tokens"]
-        stats = {**floats({"sft/loss": loss_sum, "sft/grad_norm": norm}), "sft/lr": lr, "sft/tokens": tokens,
-                 "sft/epoch": k // steps_per_epoch}  # one host sync per step
+        loss_sum, tokens = sum_over_ranks(torch.stack([loss_sum, torch.tensor(float(tokens), device=rt.device)]), rt)
+        stats = floats({"sft/loss": loss_sum, "sft/grad_norm": norm, "sft/tokens": tokens})  # one host sync per step
+        stats.update({"sft/lr": lr, "sft/tokens": int(stats["sft/tokens"]), "sft/epoch": k // steps_per_epoch})
         run.log(stage="sft", step=k + 1, **stats)
         bar.set_postfix(loss=f"{stats['sft/loss']:.3f}", lr=f"{stats['sft/lr']:.1e}")
         if cfg.save_every and (k + 1) % cfg.save_every == 0 and k + 1 < total:
-            run.save(model, dict(stage="sft", sft_step=k + 1, cycle=0, optimizer=opt.state_dict(),
-                                 scheduler=sched.state_dict()))
+            run.save(model, dict(stage="sft", sft_step=k + 1, cycle=0, scheduler=sched.state_dict()), opt)
     model.eval()
 
 
 def wrap_ddp(model, rt: Runtime):
-    """What training forwards call: DDP when torchrun started several processes, torch.compile'd with --compile, else
-    the model itself. The model stays unwrapped, so checkpoints and π_ref copies never see a wrapper."""
-    if rt.world == 1 and not rt.compile:
+    """What training forwards call: DDP when torchrun started several processes (FSDP shards in place instead: shard()),
+    torch.compile'd with --compile, else the model itself. The model stays unwrapped, so checkpoints never see one."""
+    if (rt.world == 1 or rt.fsdp) and not rt.compile:
         return model
     inner = getattr(rt.ddp, "_orig_mod", rt.ddp)  # torch.compile's wrapper keeps the module as _orig_mod
     if rt.ddp is None or getattr(inner, "module", inner) is not model:  # wrap once: each DDP adds gradient hooks
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        rt.ddp = DistributedDataParallel(model, device_ids=ids) if rt.world > 1 else model
+        rt.ddp = DistributedDataParallel(model, device_ids=ids) if rt.world > 1 and not rt.fsdp else model
         rt.ddp = torch.compile(rt.ddp, dynamic=True) if rt.compile else rt.ddp  # dynamic: packed lengths vary
     return rt.ddp
+
+
+def no_sync(ddp, rt: Runtime) -> AbstractContextManager:
+    """A micro-batch that is not its step's last: DDP skips its all-reduce. FSDP reduce-scatters every micro-batch
+    (deferring it would hold a full-size gradient on every GPU); every rank runs as many of them."""
+    return ddp.no_sync() if rt.world > 1 and not rt.fsdp else nullcontext()
 
 
 # ============================================================================ 5. Inspection: a_t ~ π_θ(·|h_t)
@@ -685,7 +798,8 @@ def end_tokens(model, tok) -> list[int]:
 def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> list[Inspected]:
     """Inspection (paper: inspection): at every (or a random subset of) expert prefix h_t the agent acts, K times.
 
-    No environment is involved: the agent only ever sees the expert's own history.
+    No environment is involved: the agent only ever sees the expert's own history. Under torchrun each rank inspects
+    the trajectories row ≡ rank (mod world) and every rank gets all the replies back, in the one-process order.
     """
     rng = random.Random(derived_seed(cfg.seed, "inspect", cycle))
     slots = []
@@ -694,13 +808,17 @@ def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> lis
         if cfg.steps_per_trajectory:
             steps = sorted(rng.sample(steps, min(cfg.steps_per_trajectory, len(steps))))
         slots += [(row, t) for t in steps for _ in range(cfg.samples_per_step)]
-    prompts = [encs[row].input_ids[:encs[row].action_spans[t][0]] for row, t in slots]  # h_t = the expert's prefix
+    mine = [i for i, (row, _) in enumerate(slots) if row % rt.world == rt.rank]
+    prompts = [encs[slots[i][0]].input_ids[:encs[slots[i][0]].action_spans[slots[i][1]][0]] for i in mine]  # h_t
     seed = derived_seed(cfg.seed, "inspect-sample", cycle, rt.rank)
-    if cfg.eval_cache and full_attention(model):  # h_t ⊂ h_{t+1}: each trajectory's prefixes share one growing cache
-        replies = inspect_cached(cfg, rt, model, tok, slots, prompts, seed, f"inspect c{cycle}")
-    else:
-        replies = generate(model, tok, rt, prompts, cfg.temperature, cfg.max_new_tokens, gen_batch(cfg, rt), seed,
-                           desc=f"inspect c{cycle}")
+    with gathered(model, rt):
+        if cfg.eval_cache and full_attention(model):  # h_t ⊂ h_{t+1}: a trajectory's prefixes share a growing cache
+            replies = inspect_cached(cfg, rt, model, tok, [slots[i] for i in mine], prompts, seed, f"inspect c{cycle}")
+        else:
+            replies = generate(model, tok, rt, prompts, cfg.temperature, cfg.max_new_tokens, gen_batch(cfg, rt), seed,
+                               desc=f"inspect c{cycle}")
+    by_slot = dict(all_gather(list(zip(mine, replies)), rt))
+    replies = [by_slot[i] for i in range(len(slots))]
     out = []
     for (row, t), reply in zip(slots, replies):
         traj = encs[row].traj
@@ -797,17 +915,19 @@ def implicit_reward_loss(logp_pi_e: torch.Tensor, logp_pi_a: torch.Tensor, logp_
 
 def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected: list[Inspected], cycle: int,
                      run: "Run") -> dict:
-    """Prefer the expert's action to the agent's at every step where they differ, against the frozen π_ref."""
+    """Prefer the expert's action to the agent's at every step where they differ, against the frozen π_ref.
+    Under torchrun each step's trajectories are dealt across the ranks: the same steps as one process would take."""
     pairs = [it for it in inspected if not it.agree]
     groups = sorted(by_row(pairs).items())
-    if not groups:
-        return {"imp/pairs": 0}
-    one_row, ref_lp, tokens, t0 = cfg.tokens_per_batch > 0, {}, 0, time.time()
-    with torch.no_grad():  # the frozen π_ref's log-probs once per cycle, not once per epoch: (logp_e, logp_a) per row
-        for mb in micro_batches(cfg, encs, groups):
+    if len(groups) < max(1, rt.world):
+        return {"imp/pairs": len(pairs)}
+    one_row, ref_lp, tokens, t0 = cfg.tokens_per_batch > 0, [], 0, time.time()
+    with torch.no_grad(), gathered(ref, rt):  # the frozen π_ref's log-probs once per cycle: (logp_e, logp_a) per row
+        for mb in micro_batches(cfg, encs, groups[rt.rank::rt.world]):  # each rank a share, then all of them
             out, n = pair_logps(ref, encs, mb, cfg.packing, rt, one_row=one_row), [len(items) for _, items in mb]
-            ref_lp.update(zip([row for row, _ in mb], zip(out["logp_e"].split(n), out["logp_a"].split(n))))
+            ref_lp += zip([row for row, _ in mb], zip(out["logp_e"].cpu().split(n), out["logp_a"].cpu().split(n)))
             tokens += out["tokens"]
+    ref_lp = dict(all_gather(ref_lp, rt))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = adamw(params, rt, lr=cfg.reflect_lr, weight_decay=0.0)
     ddp = wrap_ddp(model, rt)
@@ -816,26 +936,29 @@ def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected
     rng = random.Random(derived_seed(cfg.seed, "reflect", cycle))
     for epoch in range(cfg.reflect_epochs):
         order = rng.sample(groups, len(groups))
-        steps = batched(order, cfg.reflect_batch)
+        steps = batched(order[:len(order) // rt.world * rt.world], cfg.reflect_batch)  # every rank as many forwards
         for step in tqdm(steps, desc=f"reflect c{cycle} e{epoch}", disable=not rt.is_main, leave=False):
-            micro = micro_batches(cfg, encs, step)
+            micro = micro_batches(cfg, encs, step[rt.rank::rt.world])
             n_pairs, seen = sum(len(items) for _, items in step), []
             for m, mb in enumerate(micro):
-                ref_e, ref_a = (torch.cat(x) for x in zip(*(ref_lp[row] for row, _ in mb)))
-                sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
+                ref_e, ref_a = (torch.cat(x).to(rt.device) for x in zip(*(ref_lp[row] for row, _ in mb)))
+                sync = no_sync(ddp, rt) if m < len(micro) - 1 else nullcontext()
                 with sync:
                     lp = pair_logps(ddp, encs, mb, cfg.packing, rt, one_row=one_row)
                     loss, _ = implicit_reward_loss(lp["logp_e"], lp["logp_a"], ref_e, ref_a, cfg.beta)
                     if cfg.sft_weight:  # ours: keep the expert actions likely while pushing the margin
                         loss = loss - cfg.sft_weight * lp["logp_e"].mean()
-                    weight = sum(len(items) for _, items in mb) / n_pairs  # every pair of the step weighs the same
+                    # every pair of the step weighs the same; × world: DDP and FSDP average the ranks' gradients
+                    weight = rt.world * sum(len(items) for _, items in mb) / n_pairs
                     optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
                 tokens += lp["tokens"]
                 seen.append((lp["logp_e"].detach(), lp["logp_a"].detach(), ref_e, ref_a))
-            history.append(implicit_reward_loss(*(torch.cat(x) for x in zip(*seen)), cfg.beta)[1])  # all step's pairs
+            seen = [torch.cat(x) for x in zip(*seen)]
+            history.append(mean_over_ranks(implicit_reward_loss(*seen, cfg.beta)[1], len(seen[0]), rt))  # step's pairs
             run.log(stage="reflect", cycle=cycle, **floats(history[-1]))  # one host sync per logged step
     model.eval()
     summary = floats({k: torch.stack([h[k] for h in history]).mean() for k in history[0]})
+    tokens = int(sum_over_ranks(torch.tensor(tokens, device=rt.device), rt))
     return {**summary, "imp/pairs": len(pairs), "reflect/tokens": tokens, "reflect/seconds": time.time() - t0}
 
 
@@ -889,19 +1012,25 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Ten
 
 def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: list, inspected: list[Inspected],
                     cycle: int, run: "Run") -> dict:
-    """Train D_φ on expert vs agent steps, turn it into step rewards, then PPO the agent's steps against them."""
+    """Train D_φ on expert vs agent steps, turn it into step rewards, then PPO the agent's steps against them.
+    Under torchrun: π_ref's pass is shared out and gathered (D_φ, V and the rewards need the whole batch; every rank
+    fits the same ones), and each PPO step's trajectories are dealt across the ranks."""
     groups = sorted(by_row(inspected).items())
     t0, tokens = time.time(), 0
     # 1. one frozen π_ref pass per trajectory: features of (h, â) and (h, a), and π_old = π_ref log-probs of a_t
     #    (π_ref is the snapshot the agent inspected with, so it is also PPO's behaviour policy).
-    cache, old_tok, one_row = [], [], cfg.tokens_per_batch > 0
-    for mb in tqdm(micro_batches(cfg, encs, groups), desc=f"features c{cycle}", disable=not rt.is_main, leave=False):
-        with torch.no_grad():
-            out = pair_logps(ref, encs, mb, cfg.packing, rt, hidden=True, one_row=one_row)
-        tokens += out["tokens"]
-        cache.append(out)
-        old_tok += out["tok_logp_a"].split([len(it.agent_ids) for _, items in mb for it in items])
-    h_e, h_a = torch.cat([c["h_e"] for c in cache]), torch.cat([c["h_a"] for c in cache])  # (N, H) each
+    feats, one_row = [], cfg.tokens_per_batch > 0
+    with torch.no_grad(), gathered(ref, rt):
+        for mb in tqdm(micro_batches(cfg, encs, groups[rt.rank::rt.world]), desc=f"features c{cycle}",
+                       disable=not rt.is_main, leave=False):
+            out, n = pair_logps(ref, encs, mb, cfg.packing, rt, hidden=True, one_row=one_row), [len(i) for _, i in mb]
+            tokens += out["tokens"]
+            old = out["tok_logp_a"].cpu().split([len(it.agent_ids) for _, items in mb for it in items])
+            old = [old[a - k:a] for a, k in zip(np.cumsum(n), n)]  # per row: each item's token log-probs
+            feats += zip([row for row, _ in mb], zip(*(out[k].cpu().split(n) for k in ("h_e", "h_a", "h_prefix")), old))
+    feats = dict(all_gather(feats, rt))
+    h_e, h_a, h_p = (torch.cat([feats[row][k] for row, _ in groups]).to(rt.device) for k in range(3))  # (N, H) each
+    old_tok = [x.to(rt.device) for row, _ in groups for x in feats[row][3]]
     n_items = len(h_a)
     item_rows = torch.tensor([row for row, items in groups for _ in items])
     # 2. discriminator: balanced minibatches from 80% of the trajectories, accuracy on the held-out 20%
@@ -945,7 +1074,6 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
         b = torch.stack([r[[j for j, k2 in enumerate(keys) if k2 == k]].mean() for k in keys])
     else:  # a value head V(h_t) on the (detached) policy state at the end of the prefix, fitted by MSE
         value = heads["value"]
-        h_p = torch.cat([c["h_prefix"] for c in cache])
         v_opt = adamw(list(value.parameters()), rt, lr=cfg.disc_lr)
         for _ in range(cfg.disc_steps):
             v_loss = F.mse_loss(value(h_p), r)
@@ -964,28 +1092,30 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     rng = random.Random(derived_seed(cfg.seed, "ppo", cycle))
     for epoch in range(cfg.ppo_epochs):
         order = rng.sample(range(len(groups)), len(groups))
+        order = order[:len(order) // rt.world * rt.world]  # dealt across the ranks: every rank as many forwards
         for step in tqdm(batched(order, cfg.reflect_batch), desc=f"PPO c{cycle} e{epoch}", disable=not rt.is_main,
                          leave=False, dynamic_ncols=True):
-            micro = micro_batches(cfg, encs, [groups[gi] for gi in step])
+            micro = micro_batches(cfg, encs, [groups[gi] for gi in step[rt.rank::rt.world]])
             n_tok, seen = sum(len(it.agent_ids) for gi in step for it in groups[gi][1]), []  # loss: mean over tokens
             for m, mb in enumerate(micro):
-                sync = ddp.no_sync() if (rt.world > 1 and m < len(micro) - 1) else nullcontext()
+                sync = no_sync(ddp, rt) if m < len(micro) - 1 else nullcontext()
                 with sync:
                     lp = pair_logps(ddp, encs, mb, cfg.packing, rt, one_row=one_row)
                     items = [j for row, _ in mb for j in range(starts[index[row]], starts[index[row] + 1])]
                     old = torch.cat([old_tok[j] for j in items])  # π_old = π_ref: the snapshot that inspected
                     adv_tok = adv[items][lp["tok_owner_a"]]  # (N_tok,) each token carries its action's advantage
                     loss, _ = ppo_loss(lp["tok_logp_a"], old, old, adv_tok, cfg.clip, cfg.kl_coef)
-                    weight = len(old) / n_tok
+                    weight = rt.world * len(old) / n_tok  # × world: DDP and FSDP average the ranks' gradients
                     optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
                 tokens += lp["tokens"]
                 seen.append((lp["tok_logp_a"].detach(), old, adv_tok))
             new, old, adv_tok = (torch.cat(x) for x in zip(*seen))  # the stats of all the step's tokens
-            history.append(ppo_loss(new, old, old, adv_tok, cfg.clip, cfg.kl_coef)[1])
+            history.append(mean_over_ranks(ppo_loss(new, old, old, adv_tok, cfg.clip, cfg.kl_coef)[1], len(new), rt))
             run.log(stage="reflect", cycle=cycle, **floats(history[-1]))  # one host sync per logged step
     model.eval()
     summary = floats({k: torch.stack([h[k] for h in history]).mean() for k in history[0]}) if history else {}
     hs = floats(held_stats)
+    tokens = int(sum_over_ranks(torch.tensor(tokens, device=rt.device), rt))
     held_acc = (hs["irl/D_acc_expert"] + hs["irl/D_acc_agent"]) / 2 if hs else float("nan")
     return {**summary, **floats(d_stats), "irl/D_acc_heldout": held_acc,
             "irl/reward_expert": f_e.mean().item(), "irl/reward_agent": f_a.mean().item(),
@@ -999,23 +1129,25 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
 
 def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: int) -> dict:
     """The paper's claim, measured: over cycles the agent's greedy action at h_t should match â_t more often and
-    log π_θ(â_t|h_t) should rise, on a fixed set of held-out expert steps."""
+    log π_θ(â_t|h_t) should rise, on a fixed set of held-out expert steps (under torchrun each rank a share)."""
     if not heldout:
         return {}
-    prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in heldout]
-    replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0, f"held-out c{cycle}")
-    same = data.normalize_action
-    agree = [same(r) == same(enc.traj.steps[t].action) for r, (enc, t) in zip(replies, heldout)]
-    logps, n_tok = [], 0
-    with torch.no_grad():
-        for mb in batched(heldout, gen_batch(cfg, rt)):
+    mine = heldout[rt.rank::rt.world]
+    prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in mine]
+    logps, n_tok = [torch.zeros(0, device=rt.device)], 0
+    with torch.no_grad(), gathered(model, rt):
+        replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0,
+                           f"held-out c{cycle}")
+        for mb in batched(mine, gen_batch(cfg, rt)):
             packed = pack_tree([e for e, _ in mb], [[t] for _, t in mb], [[] for _ in mb], rt.device)
             with rt.autocast():
                 logps.append(action_logps(model, packed)["seq_logp"])
             n_tok += sum(e.action_spans[t][1] - e.action_spans[t][0] for e, t in mb)
-    logp = torch.cat(logps)
-    return {"cycle/agreement": float(np.mean(agree)), "cycle/logp_expert": logp.mean().item(),
-            "cycle/nll_expert_token": -logp.sum().item() / n_tok}
+    same = data.normalize_action
+    agree = sum(same(r) == same(enc.traj.steps[t].action) for r, (enc, t) in zip(replies, mine))
+    n, agree, logp, n_tok = sum_over_ranks(torch.stack([torch.tensor(float(x), device=rt.device) for x in (
+        len(mine), agree, torch.cat(logps).sum(), n_tok)]), rt).tolist()  # sums over all ranks' steps
+    return {"cycle/agreement": agree / n, "cycle/logp_expert": logp / n, "cycle/nll_expert_token": -logp / n_tok}
 
 
 def make_act_fn(cfg: Config, rt: Runtime, model, tok):
@@ -1217,15 +1349,31 @@ class Run:
                 kv = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in kv.items()}  # strict JSON
                 f.write(json.dumps({"t": self.t, "time": round(time.time(), 2), **kv}) + "\n")
 
-    def save(self, model, state: dict) -> Path:
-        """Write ckpt-<t>.tmp (model + tokenizer via save_pretrained, heads, state.pt) and rename it: atomic."""
-        if not self.rt.is_main:
-            return self.dir
+    def save(self, model, state: dict, opt: torch.optim.Optimizer | None = None) -> Path:
+        """Write ckpt-<t>.tmp (model + tokenizer via save_pretrained, heads, state.pt) and rename it: atomic.
+        FSDP (every rank calls this): the full state dict is gathered onto rank 0, which writes a plain transformers
+        checkpoint; the optimizer state stays sharded, each rank writing its own (torch.distributed.checkpoint)."""
         final = self.dir / f"ckpt-{self.t:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        self.tok.save_pretrained(tmp)
+        if self.rt.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # before the gather: no rank writes into tmp until it is done
+        full = None
+        if self.rt.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rt.is_main:
+            model.save_pretrained(tmp, state_dict=full)
+            self.tok.save_pretrained(tmp)
+        if opt is not None and self.rt.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+            dcp.save(get_optimizer_state_dict(model, opt), checkpoint_id=tmp / "optimizer")
+        elif opt is not None:
+            state = {**state, "optimizer": opt.state_dict()}
+        if not self.rt.is_main:
+            return self.dir
         # Only tensors and plain containers, so resume can load it with weights_only=True (no code runs on load).
         np_state = np.random.get_state(legacy=False)
         np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
@@ -1248,7 +1396,7 @@ class Run:
         except Exception as e:
             raise SystemExit(f"error: {path / 'state.pt'}: not a checkpoint state that loads safely "
                              f"(tensors and plain containers only): {type(e).__name__}") from None
-        self.t = state["t"]
+        self.t, state["path"] = state["t"], str(path)
         rng = state["rng"]
         random.setstate(rng["python"])
         np_state = rng["numpy"]
@@ -1264,6 +1412,20 @@ class Run:
             keep = [ln for ln in metrics.read_text().splitlines() if _t_of(ln) <= self.t]
             atomic_write(metrics, "".join(ln + "\n" for ln in keep))
         return state
+
+    def load_optimizer(self, model, opt: torch.optim.Optimizer, state: dict) -> None:
+        """The optimizer state save() wrote: from state.pt, or (FSDP) each rank its shard of ckpt/optimizer/."""
+        if self.rt.fsdp:  # note: torch.distributed.checkpoint's .metadata is a pickle: resume only runs you trust
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+            sharded = get_optimizer_state_dict(model, opt)
+            dcp.load(sharded, checkpoint_id=Path(state["path"]) / "optimizer")
+            set_optimizer_state_dict(model, opt, sharded)
+        else:
+            opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:  # a CUDA run's state says fused=True, which a CPU resume cannot step with
+            group["fused"] = self.rt.device.type == "cuda"
 
 
 # ============================================================================ 10. The StepAgent loop and main
@@ -1300,6 +1462,7 @@ def train(cfg: Config) -> dict:
         print0(rt, f"--attn {cfg.attn} ignores 4-D attention masks: using --packing pairs")
         cfg.packing = "pairs"
     model, tok = load_policy(str(ckpt) if ckpt else cfg.model, rt, cfg.attn)
+    shard(model, cfg, rt)
     if cfg.packing == "tree" and layer_windows(model) is None:  # e.g. chunked or linear-attention layers
         print0(rt, f"--packing tree: the tree mask cannot express layer types {set(model.config.layer_types)}: "
                    "using --packing pairs")
@@ -1312,9 +1475,9 @@ def train(cfg: Config) -> dict:
     train_e, train_stats = data.encode_dataset(tok, train_t, cfg.max_length, cfg.on_too_long)
     val_e, val_stats = data.encode_dataset(tok, val_t, cfg.max_length, cfg.on_too_long)
     print0(rt, f"expert trajectories: train {train_stats}, held-out {val_stats}")
-    if not train_e:
-        raise SystemExit(f"error: no training trajectory fits --max-length {cfg.max_length}; "
-                         "raise it or use --on-too-long truncate")
+    if len(train_e) < max(1, rt.world):
+        raise SystemExit(f"error: {len(train_e)} training trajectories fit --max-length {cfg.max_length} (one per "
+                         "process at least); raise it or use --on-too-long truncate")
     rng = random.Random(derived_seed(cfg.seed, "heldout"))
     val_steps = [(e, t) for e in val_e for t in range(len(e.action_spans))]
     heldout = rng.sample(val_steps, min(cfg.heldout_steps, len(val_steps)))
@@ -1332,6 +1495,8 @@ def train(cfg: Config) -> dict:
         for k, sd in (state or {}).get("heads", {}).items():
             if k in run.heads:
                 run.heads[k].load_state_dict(sd)
+        for p in (p for head in run.heads.values() for p in head.parameters()) if rt.world > 1 else ():
+            torch.distributed.broadcast(p.data, 0)  # one D_φ and V on every rank: rank 0's
     table = run.table = (state or {}).get("table", [])
     # 1. SFT warm start
     if state is None or state["stage"] == "sft":
@@ -1344,11 +1509,12 @@ def train(cfg: Config) -> dict:
         run.save(model, dict(stage="cycle", cycle=0))
     start = state["cycle"] if state and state["stage"] == "cycle" else 0
     if cfg.eval_every and start % cfg.eval_every == 0 and start < cfg.cycles:  # cycle 0: the SFT checkpoint; on
-        evaluate(cfg, rt, model, tok, run, f"cycle{start}")  # resume, finishes the evaluation a kill cut short
+        with gathered(model, rt):  # resume, finishes the evaluation a kill cut short
+            evaluate(cfg, rt, model, tok, run, f"cycle{start}")
     for cycle in range(start + 1, cfg.cycles + 1):
         t0 = time.time()
         # 2. π_ref: the policy as it is at the start of this cycle, frozen
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        ref = frozen_copy(model, rt)
         # 3. inspection: the agent acts at expert prefixes of a fresh sample of trajectories
         pick = random.Random(derived_seed(cfg.seed, "pick", cycle))
         n_rows = min(cfg.inspect_trajectories or len(train_e), len(train_e))
@@ -1370,10 +1536,12 @@ def train(cfg: Config) -> dict:
         run.log(stage="cycle", **row)
         run.save(model, dict(stage="cycle", cycle=cycle))
         if cfg.eval_every and cycle % cfg.eval_every == 0 and cycle < cfg.cycles:
-            evaluate(cfg, rt, model, tok, run, f"cycle{cycle}")
+            with gathered(model, rt):  # FSDP: every rank joins the gather, rank 0 plays
+                evaluate(cfg, rt, model, tok, run, f"cycle{cycle}")
     print0(rt, "\n" + format_table(table))
     # 6. evaluation in the real environment
-    summaries = evaluate(cfg, rt, model, tok, run, "final")
+    with gathered(model, rt):
+        summaries = evaluate(cfg, rt, model, tok, run, "final")
     sft = run.dir / "eval" / "cycle0" / "summary.json"
     if summaries and cfg.cycles and sft.exists():  # the paper's comparison: the warm start vs after the cycles
         side = [{**s, "split": f"{who} {k.replace('valid_', '')}"[:16]} for who, sums in

@@ -898,6 +898,26 @@ def test_every_parameter_changes_after_one_step(stage):
     assert all(p.grad is None for p in params)  # zeroed for the next step
 
 
+def test_grad_checkpoint_keeps_fewer_activations_and_the_same_gradients():
+    """--grad-checkpoint: the decoder layers save far fewer tensors for backward (they recompute them), and the
+    gradients of the SFT loss are the same."""
+    enc = encode(make_traj(3, seed=90))
+    packed = sa.pack_tree([enc], [[0, 1, 2]], [[]], "cpu")
+    grads, saved = [], []
+    for on in (False, True):
+        model = tiny_model("sdpa").train()
+        sa.shard(model, small_cfg(grad_checkpoint=on), replace(CPU))
+        count = [0]
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: count.__setitem__(0, count[0] + 1) or t, lambda t: t):
+            loss = sa.nll_loss(sa.action_logps(model, packed)["tok_logp"])
+        loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+        saved.append(count[0])
+    assert saved[1] < saved[0] / 2, saved
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+
+
 def test_sft_logs_the_learning_rate_each_step_used():
     """SFT's schedule: linear warm-up, then cosine decay toward 10%; sft/lr is the rate the logged step trained with."""
     model = tiny_model("sdpa")
@@ -1037,6 +1057,162 @@ def test_resume_never_unpickles_code(tiny_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "pwned").exists()
 
 
+# ----------------------------------------------------------------------------- torchrun: 2 processes (gloo, CPU)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_rank(rank: int, world: int, port: int, fn, *args) -> None:
+    """One process of `torchrun --nproc_per_node world`: its env vars, one thread (the CPU is shared), then fn."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn, *args, world: int = 2, timeout: float = 180) -> None:
+    """Run fn(*args) in `world` processes as torchrun would; a rank's exception fails the test, a hang too. Forked:
+    they inherit the imported modules (spawned ones would import torch and transformers again, ~10 s)."""
+    ctx = torch.multiprocessing.start_processes(_as_rank, args=(world, _free_port(), fn, *args), nprocs=world,
+                                                join=False, start_method="fork")
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks still running after {timeout} s (a collective that one rank never reached?)")
+
+
+TWO_RANKS = ["--max-trajectories", "8", "--cycles", "1", "--method", "implicit", "--inspect-trajectories", "2",
+             "--steps-per-trajectory", "0", "--temperature", "0", "--reflect-batch", "2", "--reflect-epochs", "2",
+             "--batch-size", "2", "--heldout-steps", "4", *FAST,
+             "--max-length", "1024", "--on-too-long", "truncate"]  # 6 training trajectories: 2 SFT steps of 4
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tiny_dir, tmp_path_factory) -> tuple[Path, Path, Path, Path]:
+    """SFT + one implicit cycle, global batch 4: one plain process (2 rows × grad-accum 2), 2 FSDP ranks and 2 DDP
+    ranks (2 rows each); reflection: 2 epochs of one step of 2 trajectories. The FSDP ranks stop after SFT and go on
+    with --resume (a copy keeps their state after SFT step 1: that checkpoint holds the sharded optimizer state)."""
+    one, two, cut, ddp = (tmp_path_factory.mktemp(name) / "run" for name in ("one", "two", "cut", "ddp"))
+    sa.main(["--model", str(tiny_dir), "--out", str(one), "--grad-accum", "2", *TWO_RANKS])
+    args = ["--model", str(tiny_dir), "--out", str(two), "--grad-accum", "1", "--dist", "fsdp", "--save-every", "1",
+            *TWO_RANKS]
+    run_ranks(sa.main, [*args, "--cycles", "0"])
+    shutil.copytree(two, cut)
+    run_ranks(sa.main, [*args, "--resume"])
+    run_ranks(sa.main, ["--model", str(tiny_dir), "--out", str(ddp), "--grad-accum", "1", *TWO_RANKS])  # auto: DDP
+    return one, two, cut, ddp
+
+
+def assert_same_metrics(lines_a: list[dict], lines_b: list[dict], rel: float = 1e-6, abs_: float = 1e-6) -> None:
+    assert [ln["t"] for ln in lines_b] == list(range(1, len(lines_b) + 1))  # no duplicate t
+    assert [(ln["t"], sorted(ln)) for ln in lines_a] == [(ln["t"], sorted(ln)) for ln in lines_b]
+    for la, lb in zip(lines_a, lines_b):
+        for k in la:
+            if k.endswith("seconds") or k == "time":
+                continue
+            if isinstance(la[k], float):
+                assert lb[k] == pytest.approx(la[k], rel=rel, abs=abs_), (la["t"], k)
+            else:
+                assert lb[k] == la[k], (la["t"], k)
+
+
+def test_fsdp_on_two_ranks_matches_one_process(fsdp_runs):
+    """torchrun with 2 FSDP ranks on CPU (gloo) logs the same SFT and implicit-cycle metrics as one plain process with
+    the same global batch (the ranks deal each step's trajectories and normalise by the step's global count), also
+    across a --resume after SFT, and rank 0 writes the same weights as a plain transformers checkpoint."""
+    one, two, _, _ = fsdp_runs
+    lines_one, lines_two = read_metrics(one), read_metrics(two)
+    assert [ln["stage"] for ln in lines_one] == ["cycle", "sft", "sft", "cycle", "reflect", "reflect", "cycle"]
+    cycle = lines_two[-1]
+    assert cycle["imp/pairs"] > 0 and cycle["inspect/steps"] > 8  # every step of 2 trajectories: ranks differ
+    assert_same_metrics(lines_one, lines_two, rel=1e-5, abs_=1e-6)
+    from transformers import AutoModelForCausalLM  # rank 0 wrote a plain transformers checkpoint: same weights
+
+    final = [AutoModelForCausalLM.from_pretrained(sorted(d.glob("ckpt-[0-9]*"))[-1]).state_dict() for d in (one, two)]
+    assert final[0].keys() == final[1].keys()
+    for k in final[0]:
+        torch.testing.assert_close(final[1][k], final[0][k], rtol=1e-4, atol=1e-5)
+
+
+def _inspect_on_a_rank(out: Path, cfg: sa.Config, encs: list) -> None:
+    """One rank: shard the tiny model (and π_ref), inspect; write the shards it holds, the slots it generated and the
+    items it got back."""
+    from torch.distributed.fsdp import FSDPModule
+
+    rt = sa.setup_runtime(cfg)
+    model = tiny_model("sdpa")
+    sa.shard(model, cfg, rt)
+    ref = sa.frozen_copy(model, rt)
+    plan = {"units": [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)],
+            "shards": [(p.to_local().numel(), p.numel(), p.numel() // p.shape[0]) for p in model.parameters()],
+            "ref_same": all(torch.equal(a.to_local(), b.to_local())
+                            for a, b in zip(ref.parameters(), model.parameters(), strict=True)),
+            "ref_frozen": not any(p.requires_grad for p in ref.parameters())}
+    mine, cached = [], sa.inspect_cached
+    sa.inspect_cached = lambda cfg, rt, m, tok, slots, *a: mine.extend(slots) or cached(cfg, rt, m, tok, slots, *a)
+    items = sa.inspect(cfg, rt, model, tiny_tokenizer(), encs, cycle=1)
+    (out / f"rank{rt.rank}.json").write_text(json.dumps({"mine": mine, "items": [(i.row, i.t, i.agent) for i in items],
+                                                         **plan}))
+
+
+def test_fsdp_sharding_plan_and_inspection_covers_every_trajectory_once(tmp_path):
+    """2 FSDP ranks: each decoder layer and the root are units, each rank holds half of every parameter, π_ref the same
+    shards, frozen. Each rank inspects its own trajectories (3 and 2 of 5, so they generate for different lengths with
+    gathered parameters), every (trajectory, step, sample) exactly once, and both get back one process's items."""
+    encs = [encode(make_traj(3, seed=30 + i)) for i in range(5)]
+    cfg = small_cfg(steps_per_trajectory=2, samples_per_step=2, temperature=0.0, dist="fsdp")
+    run_ranks(_inspect_on_a_rank, tmp_path, cfg, encs)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one = sa.inspect(replace(cfg, dist="auto"), CPU, tiny_model("sdpa"), tiny_tokenizer(), encs, cycle=1)
+    slots = sorted([i.row, i.t] for i in one)
+    assert len(slots) == 5 * 2 * 2 and sorted(ranks[0]["mine"] + ranks[1]["mine"]) == slots
+    assert {row for row, _ in ranks[0]["mine"]} == {0, 2, 4} and {row for row, _ in ranks[1]["mine"]} == {1, 3}
+    assert ranks[0]["items"] == ranks[1]["items"] == [[i.row, i.t, i.agent] for i in one]
+    for rank in ranks:
+        assert rank["units"] == ["FSDPLlamaForCausalLM", "FSDPLlamaDecoderLayer", "FSDPLlamaDecoderLayer"]
+        assert all(abs(2 * local - full) <= row for local, full, row in rank["shards"])  # dim 0 split in two
+        assert rank["ref_same"] and rank["ref_frozen"]
+    assert [a[0] + b[0] for a, b in zip(ranks[0]["shards"], ranks[1]["shards"])] == [s[1] for s in ranks[0]["shards"]]
+
+
+def test_ddp_on_two_ranks_matches_one_process(fsdp_runs):
+    """Under DDP too (--dist auto picks it for small models) 2 ranks log what one process with their global batch
+    logs."""
+    one, _, _, ddp = fsdp_runs
+    assert_same_metrics(read_metrics(one), read_metrics(ddp), rel=1e-5, abs_=1e-6)
+
+
+def test_fsdp_resume_reproduces_the_uninterrupted_run(fsdp_runs):
+    """2 FSDP ranks killed during SFT step 2 (what a kill leaves: the step-1 checkpoint with each rank's optimizer
+    shard, a torn metrics line) and resumed with --resume log what the uninterrupted 2-rank run logged, metric for
+    metric; the resumed run recomputes activations in backward (--grad-checkpoint), which changes nothing but memory."""
+    _, two, b, _ = fsdp_runs
+    kept = [c for c in sorted(b.glob("ckpt-[0-9]*"))
+            if torch.load(c / "state.pt", weights_only=True).get("sft_step") == 1]
+    assert len(kept) == 1 and sorted(p.name for p in (kept[0] / "optimizer").iterdir())[:1] == [".metadata"]
+    for c in sorted(b.glob("ckpt-[0-9]*")):
+        if c != kept[0]:
+            shutil.rmtree(c)  # as if killed during SFT step 2
+    with open(b / "metrics.jsonl", "a") as f:
+        f.write('{"t": 9, "stage": "sf')  # killed mid-write
+    tiny = json.loads((two / "config.json").read_text())["model"]
+    run_ranks(sa.main, ["--model", tiny, "--out", str(b), "--grad-accum", "1", "--dist", "fsdp", "--resume",
+                        "--grad-checkpoint", *TWO_RANKS])
+    assert_same_metrics(read_metrics(two), read_metrics(b))
+
+
 def write_jsonl(path: Path, trajs: list[Trajectory]) -> Path:
     recs = [{"id": t.id, "initial_observation": t.task, "steps": [{"action": s.action, "observation": s.observation}
                                                                   for s in t.steps]} for t in trajs]
@@ -1074,6 +1250,21 @@ def test_bad_input_fails_early_with_one_line(tiny_dir, tmp_path):
         sa.main(["--model", str(tiny_dir), "--out", str(used), "--data", str(good), "--eval-games", "0"])
     msg = str(e.value.code)
     assert "--out" in msg and str(used) in msg and "--resume" in msg and "\n" not in msg
+
+
+def test_distributed_flags_fail_early_with_one_line(monkeypatch):
+    """An unknown --dist, a --reflect-batch that torchrun's ranks cannot share equally, and what FSDP cannot do (fp16,
+    token-budget micro-batches on several ranks) each stop the run with one line naming the flag."""
+    with pytest.raises(SystemExit, match="--dist='zero3': expected auto, ddp or fsdp"):
+        sa.parse_config(["--dist", "zero3"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--reflect-batch=3: expected a multiple of the 2 processes"):
+        sa.parse_config(["--reflect-batch", "3"])
+    assert sa.parse_config(["--reflect-batch", "4"]).reflect_batch == 4
+    with pytest.raises(SystemExit, match="--tokens-per-batch with --dist fsdp"):
+        sa.shard(tiny_model(), small_cfg(dist="fsdp", tokens_per_batch=512), replace(CPU, world=2))
+    with pytest.raises(SystemExit, match="--dist fsdp with fp16: use --dtype bf16"):
+        sa.shard(tiny_model(), small_cfg(dist="fsdp"), replace(CPU, scaler=object()))
 
 
 # ============================================================================= envs.py: real engines
@@ -1685,7 +1876,7 @@ def test_cli_plays_real_alfworld_games_with_the_trained_policy(tmp_path, capsys)
     printed = capsys.readouterr().out
     side = printed[printed.index("SFT (cycle 0) vs StepAgent (cycle 2), same games:"):].splitlines()
     assert side[1].split() == ["task", "type", "SFT", "seen", "SFT", "unseen", "StepAgent", "seen", "StepAgent", "unseen"]
-    assert side[-1].split()[0] == "all" and side[-1].count("%") == 4  # "0.0% (  1)": success (games) per column
+    assert next(ln for ln in side if ln.startswith("all")).count("%") == 4  # "0.0% (  1)": success (games) each
 
 
 def test_auto_preset_is_the_gpu_pipeline_on_cuda_and_the_measured_setting_on_a_cpu(monkeypatch):

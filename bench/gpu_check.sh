@@ -4,12 +4,15 @@
 #   call 1: bash .gpu1/setup.sh                                         (carry .gpu1)
 #   call 2: bash .gpu2/join.sh && . /root/w/env.sh && bash bench/gpu_check.sh eval $OUT     (carry .gpu2)
 #   call 3: . /root/w/env.sh && bash bench/gpu_check.sh train $OUT
+#   call 4: . /root/w/env.sh && bash bench/gpu_check.sh fsdp $OUT                   (after call 2: the tokenizer)
 # eval:  SFT of the embedded 135M on all expert data (the 94.8% recipe), then inspection of every expert prefix of
 #        400 trajectories (timed), then the 134 valid_unseen games at 40 turns (timed; the target is <= 60 s).
 # train: bench row 4 (MFU, tokens/s, peak memory; old vs new path; bf16 and fp16 + GradScaler), then the same SFT on
 #        the new path (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s for 2 epochs).
+# fsdp:  issue 14: a random-init 1.2B Llama trains (SFT, then one implicit cycle) at world size 1 with --dist ddp,
+#        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
 set -uo pipefail
-mode=${1:?usage: bench/gpu_check.sh eval|train OUT}; out=${2:?usage: bench/gpu_check.sh eval|train OUT}
+mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp OUT}; out=${2:?usage: bench/gpu_check.sh eval|train|fsdp OUT}
 mkdir -p "$out"
 quiet() { tr '\r' '\n' | grep -v 'it/s\]'; }
 sft=(--preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 0)
@@ -36,7 +39,11 @@ elif [ "$mode" = train ]; then
   /usr/bin/time -v python stepagent.py "${sft[@]}" --tokens-per-batch 16384 --attn flex_attention \
     --out /root/w/runs/sft-new --eval-games 0 2>&1 | quiet > "$out/sft-new.log"
   cp /root/w/runs/sft-new/metrics.jsonl "$out/sft-new-metrics.jsonl"
+elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /root/w; results and logs come back
+  python bench/fsdp_memory.py --out /root/w/fsdp 2>&1 | quiet > "$out/fsdp.log"
+  cp /root/w/fsdp/fsdp.json /root/w/fsdp/*.log "$out/"
+  for m in ddp fsdp fsdp+ckpt; do cp /root/w/fsdp/run-$m/metrics.jsonl "$out/metrics-$m.jsonl"; done
 else
-  echo "error: mode $mode: expected eval or train"; exit 2
+  echo "error: mode $mode: expected eval, train or fsdp"; exit 2
 fi
 tail -3 "$out"/*.log
