@@ -166,7 +166,7 @@ PRESETS: dict[str, dict] = {
     "auto": {},  # the default: "gpu" where CUDA is, else "cpu" (parse_config)
     # The measured best setting for a 2-core CPU in <= 20 minutes (bench/RESULTS.md, "CPU preset"): SFT, then the
     # SFT checkpoint and the policy after the cycles play the same 24 fixed valid_unseen games. bf16 where AMX is.
-    "cpu": dict(max_trajectories=200, max_length=1024, epochs=1, lr=3e-4, grad_accum=8, cycles=1, heldout_steps=16,
+    "cpu": dict(max_trajectories=240, max_length=1024, epochs=1, lr=2e-4, grad_accum=4, cycles=1, heldout_steps=16,
                 inspect_trajectories=8, steps_per_trajectory=4, reflect_lr=1e-5, reflect_epochs=2, reflect_batch=4,
                 disc_steps=50, eval_games=24, eval_splits="valid_unseen", eval_every=1, eval_batch=12, max_steps=20,
                 max_new_tokens=24),
