@@ -4,7 +4,7 @@ Deng et al., "From Novice to Expert: LLM Agent Policy Optimization via Step-wise
 arXiv 2411.03817. Read this file beside the paper: SFT (warm start) -> inspection -> reflection (implicit reward
 or inverse RL) -> cycles -> evaluation in the real environment.
 
-    python stepagent.py --env alfworld                                     # CPU: small preset, embedded 135M model
+    python stepagent.py --env alfworld       # --preset auto: GPU: the full pipeline; CPU: ~20 min, SFT vs StepAgent
     python stepagent.py --env alfworld --preset paper --model meta-llama/Meta-Llama-3-8B-Instruct   # one GPU
     torchrun --standalone --nproc_per_node 8 stepagent.py --preset paper --grad-accum 2 --model ...  # 8 GPUs (FSDP2)
 
@@ -168,7 +168,7 @@ PRESETS: dict[str, dict] = {
     # SFT checkpoint and the policy after the cycles play the same 24 fixed valid_unseen games. bf16 where AMX is.
     "cpu": dict(max_trajectories=240, max_length=1024, epochs=1, lr=2e-4, grad_accum=4, cycles=1, heldout_steps=16,
                 inspect_trajectories=8, steps_per_trajectory=4, reflect_lr=1e-5, reflect_epochs=2, reflect_batch=4,
-                disc_steps=50, eval_games=24, eval_splits="valid_unseen", eval_every=1, eval_batch=12, max_steps=20,
+                disc_steps=50, eval_games=24, eval_splits="valid_unseen", eval_every=1, eval_batch=24, max_steps=20,
                 max_new_tokens=24),
     # The full pipeline on one GPU: all expert data (the SFT that wins 127/134 unseen games), StepAgent cycles, then
     # every valid_seen and valid_unseen game at 40 turns, the SFT checkpoint and the final policy alike.
