@@ -164,9 +164,10 @@ ATTN = ("sdpa", "eager", "flex_attention", "flash_attention_2")  # --attn choice
 EVAL_SPLITS = {"alfworld": "valid_seen,valid_unseen", "sciworld": "dev,test", "webshop": "test", "hotpotqa": "dev,test"}
 PRESETS: dict[str, dict] = {
     "auto": {},  # the default: "gpu" where CUDA is, else "cpu" (parse_config)
-    # The measured best setting for a 2-core CPU in <= 20 minutes (bench/RESULTS.md, "CPU preset"): SFT, then the
-    # SFT checkpoint and the policy after the cycles play the same 24 fixed valid_unseen games. bf16 where AMX is.
-    "cpu": dict(max_trajectories=240, max_length=1024, epochs=1, lr=2e-4, grad_accum=4, cycles=1, heldout_steps=16,
+    # The best of the settings measured for 2 CPU cores in <= 20 minutes (bench/RESULTS.md, "CPU preset"; 3/24 after
+    # SFT, short of the 25% aimed for): SFT, then the SFT checkpoint and the policy after the cycle play the same 24
+    # fixed valid_unseen games. bf16 where the CPU has AMX.
+    "cpu": dict(max_trajectories=200, max_length=1024, epochs=1, lr=2e-4, grad_accum=4, cycles=1, heldout_steps=8,
                 inspect_trajectories=8, steps_per_trajectory=4, reflect_lr=1e-5, reflect_epochs=2, reflect_batch=4,
                 disc_steps=50, eval_games=24, eval_splits="valid_unseen", eval_every=1, eval_batch=24, max_steps=20,
                 max_new_tokens=24),
@@ -186,7 +187,7 @@ PRESETS: dict[str, dict] = {
     "none": {},
 }
 EXPECTED = {  # printed at start: what the auto preset's branches cost where they were measured
-    "cpu": "about 20 min on a 2-core CPU with AMX (bench/RESULTS.md, CPU preset), 3-4x that without bf16",
+    "cpu": "about 18 min on 2 cores with AMX (bench/RESULTS.md, CPU preset); without AMX, fp32 is several times slower",
     "gpu": "about 9 min on one H100/H200 at issue 10/11's target speeds: SFT 2.6 min (H200, measured) + cycles + "
            "4 evaluations of ~137 games (8 min each at the last measured speed, f9b7db4; target 1 min)",
 }

@@ -5,6 +5,7 @@
 #   call 2: bash .gpu2/join.sh && . /root/w/env.sh && bash bench/gpu_check.sh eval $OUT     (carry .gpu2)
 #   call 3: . /root/w/env.sh && bash bench/gpu_check.sh train $OUT
 #   call 4: . /root/w/env.sh && bash bench/gpu_check.sh fsdp $OUT                   (after call 2: the tokenizer)
+#   call 5: . /root/w/env.sh && bash bench/gpu_check.sh auto $OUT          (issue 15's GPU branch; repeat to resume)
 # eval:  SFT of the embedded 135M on all expert data (the 94.8% recipe), then inspection of every expert prefix of
 #        400 trajectories (timed), then the 134 valid_unseen games at 40 turns (timed; the target is <= 60 s).
 # train: bench row 4 (MFU, tokens/s, peak memory; old vs new path; bf16 and fp16 + GradScaler), then the same SFT on
@@ -12,7 +13,7 @@
 # fsdp:  issue 14: a random-init 1.2B Llama trains (SFT, then one implicit cycle) at world size 1 with --dist ddp,
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
 set -uo pipefail
-mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp OUT}; out=${2:?usage: bench/gpu_check.sh eval|train|fsdp OUT}
+mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto OUT}; out=${2:?usage: bench/gpu_check.sh MODE OUT}
 mkdir -p "$out"
 quiet() { tr '\r' '\n' | grep -v 'it/s\]'; }
 sft=(--preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 0)
@@ -43,7 +44,11 @@ elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /r
   python bench/fsdp_memory.py --out /root/w/fsdp 2>&1 | quiet > "$out/fsdp.log"
   cp /root/w/fsdp/fsdp.json /root/w/fsdp/*.log "$out/"
   for m in ddp fsdp fsdp+ckpt; do cp /root/w/fsdp/run-$m/metrics.jsonl "$out/metrics-$m.jsonl"; done
+elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (--preset auto = gpu), end to end
+  run=/root/w/runs/auto; again=$([ -e $run/metrics.jsonl ] && echo --resume)  # past one call: run the mode again
+  timeout 570 /usr/bin/time -v python stepagent.py --env alfworld --out $run $again 2>&1 | quiet > "$out/auto.log"
+  cp $run/metrics.jsonl "$out/auto-metrics.jsonl"; cp -r $run/eval "$out/auto-eval"
 else
-  echo "error: mode $mode: expected eval, train or fsdp"; exit 2
+  echo "error: mode $mode: expected eval, train, fsdp or auto"; exit 2
 fi
 tail -3 "$out"/*.log
