@@ -2,6 +2,7 @@
 bookkeeping, and the harness (engine steps, game starts, pipes), for one policy on real ALFWorld games.
 
     python bench/eval_breakdown.py --model 135m --games 16 --batch 8 --max-steps 8 --new-tokens 16
+    python bench/eval_breakdown.py --dtype bf16 --checkpoint RUN/ckpt-N --games 24 --batch 24 --new-tokens 24
     python bench/eval_breakdown.py --engine     # one engine alone: game load + reset, and a step, in this process
     python bench/eval_breakdown.py --inspect 4  # inspection of 4 trajectories: generate() vs the KV-cached policy
     STEPAGENT_BENCH_CODE=DIR python bench/eval_breakdown.py ...   # the same for the code in DIR (e.g. bench.OLD's)
@@ -37,10 +38,11 @@ def timed(totals: dict, key: str, fn):
     return wrapper
 
 
-def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, new_tokens: int) -> None:
+def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, new_tokens: int, dtype: str = "fp32",
+                     checkpoint: str = "") -> None:
     totals: dict[str, float] = collections.defaultdict(float)
-    rt = bench.runtime()
-    model, tok = bench.load_model(model_name, rt)
+    rt = stepagent.setup_runtime(stepagent.Config(dtype=dtype))
+    model, tok = stepagent.load_policy(checkpoint, rt) if checkpoint else bench.load_model(model_name, rt)
     act = stepagent.make_act_fn(stepagent.Config(max_new_tokens=new_tokens), rt, model.eval(), tok)
     data.encode_prompt = timed(totals, "render + tokenise", data.encode_prompt)
     forward = act._forward  # a decode step passes a mask and no columns to read (here and in bench.OLD's code)
@@ -56,7 +58,7 @@ def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, ne
     totals["cache bookkeeping"] = totals["policy"] - sum(totals[k] for k in ("render + tokenise", "prefill", "decode"))
     harness = "harness: engines, starts, pipes"
     totals[harness] = wall - totals["policy"]
-    print(f"{model_name}: {games} games, batch {batch}, {turns} turns, {wall:.1f} s, {60 * games / wall:.2f} games/min")
+    print(f"{checkpoint or model_name} ({dtype}): {games} games, batch {batch}, {turns} turns, {wall:.1f} s, {60 * games / wall:.2f} games/min")
     for k in ("render + tokenise", "prefill", "decode", "cache bookkeeping", "policy", harness):
         print(f"  {k:32s} {totals[k]:7.2f} s  {1000 * totals[k] / turns:7.1f} ms per episode-turn")
 
@@ -98,10 +100,13 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-steps", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="fp32", help="fp32, or bf16 (CPU autocast; fast where the CPU has AMX)")
+    p.add_argument("--checkpoint", default="", help="a trained checkpoint dir instead of --model's weights")
     p.add_argument("--engine", action="store_true", help="time one engine alone instead")
     p.add_argument("--inspect", type=int, default=0, metavar="N", help="time inspection of N trajectories instead")
     a = p.parse_args()
     if a.inspect:
         inspection_speed(a.model, a.inspect, a.new_tokens)
     else:
-        engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens)
+        engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens,
+                                                                     a.dtype, a.checkpoint)
