@@ -218,8 +218,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
         cap = envs.DEFAULT_MAX_STEPS.get(values["env"])
         if k in given or (k == "max_steps" and cap and cap < v):  # presets never lengthen an env's cap (QA: 7)
             continue
-        if k != "eval_splits" or values["env"] == "alfworld":  # the cpu preset's games are ALFWorld's
-            values[k] = v
+        if k == "eval_splits" and not set(v.split(",")) <= set(EVAL_SPLITS.get(values["env"], "").split(",")):
+            continue  # a preset's splits apply only to an env that has them (the cpu preset's are ALFWorld's)
+        values[k] = v
     return Config(**values)
 
 
@@ -1300,9 +1301,16 @@ def auto_eval_batch(rt: Runtime) -> int:
 
 
 def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
-    """Evaluation (paper: experiments): play the real environment's held-out games; success per split and task type."""
-    if not cfg.eval_games or not rt.is_main:
+    """Evaluation (paper: experiments): play the real environment's held-out games; success per split and task type.
+    Under FSDP every rank joins the parameter gather, and rank 0 alone plays."""
+    if not cfg.eval_games:
         return {}
+    with gathered(model, rt):
+        return play_splits(cfg, rt, model, tok, run, tag) if rt.is_main else {}
+
+
+def play_splits(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
+    """Every eval split's games, each finished episode a line of RUN/eval/<tag>/<split>.jsonl; the summary table."""
     summaries, batch = {}, cfg.eval_batch or auto_eval_batch(rt)
     print0(rt, f"evaluation: {batch} games at a time" + ("" if cfg.eval_batch else " (--eval-batch 0: this machine's)"))
     for split in [s for s in cfg.eval_splits.split(",") if s]:
@@ -1510,8 +1518,7 @@ def train(cfg: Config) -> dict:
         run.save(model, dict(stage="cycle", cycle=0))
     start = state["cycle"] if state and state["stage"] == "cycle" else 0
     if cfg.eval_every and start % cfg.eval_every == 0 and start < cfg.cycles:  # cycle 0: the SFT checkpoint; on
-        with gathered(model, rt):  # resume, finishes the evaluation a kill cut short
-            evaluate(cfg, rt, model, tok, run, f"cycle{start}")
+        evaluate(cfg, rt, model, tok, run, f"cycle{start}")  # resume, finishes the evaluation a kill cut short
     for cycle in range(start + 1, cfg.cycles + 1):
         t0 = time.time()
         # 2. π_ref: the policy as it is at the start of this cycle, frozen
@@ -1537,12 +1544,10 @@ def train(cfg: Config) -> dict:
         run.log(stage="cycle", **row)
         run.save(model, dict(stage="cycle", cycle=cycle))
         if cfg.eval_every and cycle % cfg.eval_every == 0 and cycle < cfg.cycles:
-            with gathered(model, rt):  # FSDP: every rank joins the gather, rank 0 plays
-                evaluate(cfg, rt, model, tok, run, f"cycle{cycle}")
+            evaluate(cfg, rt, model, tok, run, f"cycle{cycle}")
     print0(rt, "\n" + format_table(table))
     # 6. evaluation in the real environment
-    with gathered(model, rt):
-        summaries = evaluate(cfg, rt, model, tok, run, "final")
+    summaries = evaluate(cfg, rt, model, tok, run, "final")
     sft = run.dir / "eval" / "cycle0" / "summary.json"
     if summaries and cfg.cycles and sft.exists():  # the paper's comparison: the warm start vs after the cycles
         side = [{**s, "split": f"{who} {k.replace('valid_', '')}"[:16]} for who, sums in
