@@ -1178,6 +1178,31 @@ def full_attention(model) -> bool:
     return layer_windows(model) == {"full_attention": None}
 
 
+def reserved_cache(capacity: int):
+    """A KV cache whose layers hold `capacity` columns from their first update on: later updates write in place, where
+    transformers' DynamicLayer torch.cat's the whole cache at every layer for every decoded token (80% of a decode
+    step of 24 episodes at 1,000 columns on CPU, bench/RESULTS.md). Keys and values are views of the filled columns."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def update(self, k: torch.Tensor, v: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:  # under autocast, held in the dtype sdpa would cast them to at every step
+                self.device, self.is_initialized = k.device, True
+                dt = torch.get_autocast_dtype(k.device.type) if torch.is_autocast_enabled(k.device.type) else k.dtype
+                self.kv = [x.new_zeros(*x.shape[:2], max(capacity, x.shape[2]), x.shape[3], dtype=dt) for x in (k, v)]
+                self.keys = self.values = k[:, :, :0]
+            L, n = self.keys.shape[2], k.shape[2]
+            if L + n > self.kv[0].shape[2]:  # past the reservation: grow by copying, as DynamicLayer always does
+                self.kv = [torch.cat([buf[:, :, :L], x.to(buf.dtype)], 2) for buf, x in zip(self.kv, (k, v))]
+            else:
+                for buf, x in zip(self.kv, (k, v)):
+                    buf[:, :, L:L + n] = x
+            self.keys, self.values = (buf[:, :, :L + n] for buf in self.kv)
+            return self.keys, self.values
+
+    return Cache(layer_class_to_replicate=ReservedLayer)
+
+
 class PrefixCachedPolicy:
     """Greedy acting that keeps each episode's KV cache across turns (keyed by the history's id).
 
@@ -1207,20 +1232,9 @@ class PrefixCachedPolicy:
 
     def _forward(self, ids: list[list[int]], cache, keep: int | torch.Tensor = 1, **kw) -> torch.Tensor:
         """One forward over new tokens after the cached ones (the cache grows in place); logits at `keep`."""
-        with self.rt.autocast():
-            out = self.model(input_ids=torch.tensor(ids, device=self.rt.device), use_cache=True, logits_to_keep=keep,
-                             **{self.cache_kw: cache}, **kw)
+        out = self.model(input_ids=torch.tensor(ids, device=self.rt.device), use_cache=True, logits_to_keep=keep,
+                         **{self.cache_kw: cache}, **kw)
         return out.logits.float()
-
-    @staticmethod
-    def _cache(kv: list):
-        """A DynamicCache holding the given (K, V) per layer: (batch, kv heads, sequence, head dim) each."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for layer, (k, v) in enumerate(kv):
-            cache.update(k, v, layer)
-        return cache
 
     def __call__(self, histories: list) -> list[str]:
         """Evaluation: each episode's history rendered as in training, keyed by its id; finished episodes dropped."""
@@ -1232,9 +1246,12 @@ class PrefixCachedPolicy:
             return logits.argmax(-1).tolist()
         return torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=self.gen)[:, 0].tolist()
 
-    @torch.no_grad()
     def act(self, keys: list, prompts: list[list[int]], keep_absent: bool = False) -> list[str]:
         """Replies to prompt ids, each continuing the cache held under its key (keep_absent: keep the others too)."""
+        with torch.no_grad(), self.rt.autocast():  # one autocast region: bf16 weight casts once per call
+            return self._act(keys, prompts, keep_absent)
+
+    def _act(self, keys: list, prompts: list[list[int]], keep_absent: bool) -> list[str]:
         self.model.eval()
         dev, B = self.rt.device, len(keys)
         # 1. what each episode's cache can keep: the longest common prefix of the ids it holds and the new prompt
@@ -1249,13 +1266,13 @@ class PrefixCachedPolicy:
         #    padding is masked out and position_ids continue each episode's own positions
         S, new = max(n), [ids[k:] for ids, k in zip(prompts, n)]
         M, lens = max(map(len, new)), torch.tensor([len(p) for p in prompts], device=dev)
-        cache = self._cache([])
-        if S:
-            like = next(kv for kv, k in zip(held, n) if k)  # any kept cache gives the (1, heads, ·, dim) shapes
-            cache = self._cache([tuple(torch.cat([F.pad(held[i][layer][j][..., :n[i], :], (0, 0, S - n[i], 0))
-                                                  if n[i] else like[layer][j].new_zeros(*like[layer][j].shape[:2], S,
-                                                                                        like[layer][j].shape[3])
-                                                  for i in range(B)]) for j in (0, 1)) for layer in range(len(like))])
+        cache = reserved_cache(S + M + self.max_new_tokens)
+        if S:  # the kept K/V right-aligned in the first S columns, zeros (masked out) before them
+            for layer, (k0, v0) in enumerate(next(kv for kv, k in zip(held, n) if k)):
+                K, V = (x.new_zeros(B, x.shape[1], S, x.shape[3]) for x in (k0, v0))
+                for i in (i for i in range(B) if n[i]):
+                    K[i, :, S - n[i]:], V[i, :, S - n[i]:] = (x[0, :, :n[i]] for x in held[i][layer])
+                cache.update(K, V, layer)
         col = torch.arange(S + M, device=dev)[None]
         k_t, m_t = torch.tensor(n, device=dev)[:, None], torch.tensor(list(map(len, new)), device=dev)[:, None]
         mask = ((col >= S - k_t) & (col < S + m_t)).long()  # (B, S + M)

@@ -790,6 +790,39 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn():
     assert 0 < sum(map(max, prefills)) < prompt_tokens / 4  # most of each history came from the cache
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reserved_cache_decodes_bit_for_bit_as_dynamic_cache(dtype):
+    """The cached policy's KV cache writes into reserved columns (held in the autocast dtype) where transformers'
+    DynamicCache concatenates: the same logits to the last bit, through a padded prefill, decode steps and past the
+    reservation; and act() gives the same replies in bf16 autocast as one generate() per history."""
+    from transformers import DynamicCache
+
+    tok, model, rt = tiny_tokenizer(), tiny_model("sdpa", seed=1).eval(), replace(CPU, dtype=dtype)
+    kw = sa.PrefixCachedPolicy(model, tok, rt, 1).cache_kw  # `cache` in newer transformers, else past_key_values
+    ids = torch.randint(5, 100, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, :4] = 0  # a left-padded row
+    logits = {}
+    for name, cache in [("dynamic", DynamicCache()), ("reserved", sa.reserved_cache(14))]:  # 12 + 5 > 14: it grows
+        m, out = mask, []
+        with torch.no_grad(), rt.autocast():
+            for s in range(6):
+                m = m if s == 0 else torch.cat([m, m.new_ones(3, 1)], 1)
+                x = ids if s == 0 else torch.full((3, 1), 7 + s)
+                out.append(model(input_ids=x, attention_mask=m, **{kw: cache}).logits[:, -1].float())
+        logits[name] = torch.stack(out)
+        assert cache.get_seq_length() == 17
+    assert torch.equal(logits["dynamic"], logits["reserved"])
+    assert cache.layers[0].keys.dtype == dtype  # bf16 K/V: what sdpa under autocast casts them to anyway
+    if dtype == torch.bfloat16:
+        with torch.no_grad():  # a random final-norm gain: greedy replies depend on the prompt
+            model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+        trajs = [make_traj(n, seed=80 + n, tid=f"g{n}") for n in (1, 3, 4)]
+        prompts = [encode_prompt(tok, t, len(t.steps)) for t in trajs]
+        replies = sa.PrefixCachedPolicy(model, tok, rt, max_new_tokens=6).act([t.id for t in trajs], prompts)
+        assert replies == [sa.generate(model, tok, rt, [p], 0.0, 6, 1, seed=0)[0] for p in prompts]
+
+
 def test_discriminator_separates_two_action_vocabularies():
     """D_φ on π's hidden state at the action's last token tells "go to shelf N" from "open drawer N" in unseen games."""
     tok, model = tiny_tokenizer(), tiny_model("sdpa")
