@@ -1186,11 +1186,11 @@ def reserved_cache(capacity: int):
 
     class ReservedLayer(DynamicLayer):
         def update(self, k: torch.Tensor, v: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:  # under autocast, held in the dtype sdpa would cast them to at every step
-                self.device, self.is_initialized = k.device, True
+            if not hasattr(self, "kv"):  # under autocast, held in the dtype sdpa would cast them to at every step
                 dt = torch.get_autocast_dtype(k.device.type) if torch.is_autocast_enabled(k.device.type) else k.dtype
                 self.kv = [x.new_zeros(*x.shape[:2], max(capacity, x.shape[2]), x.shape[3], dtype=dt) for x in (k, v)]
                 self.keys = self.values = k[:, :, :0]
+                self.device, self.dtype, self.is_initialized = k.device, dt, True  # what transformers 4.56-5 read
             L, n = self.keys.shape[2], k.shape[2]
             if L + n > self.kv[0].shape[2]:  # past the reservation: grow by copying, as DynamicLayer always does
                 self.kv = [torch.cat([buf[:, :, :L], x.to(buf.dtype)], 2) for buf, x in zip(self.kv, (k, v))]
@@ -1208,14 +1208,16 @@ class PrefixCachedPolicy:
 
     h_{t+1} = h_t + a_t + o_t, so a turn prefills only what is new (o_t and the chat markup) instead of the whole
     history, which dominates the cost of acting once histories grow (bench row 3). All live episodes prefill in one
-    forward and then decode together: their caches are left-padded into one batch and the new tokens right-padded
-    after them, with an attention mask over all padding and position_ids that continue each episode's own positions.
+    forward and then decode together: their caches are left-padded into one batch cache with the turn's columns
+    reserved (reserved_cache) and the new tokens right-padded after them, with an attention mask over all padding and
+    position_ids that continue each episode's own positions.
     Exact by construction: a cache is cut back to the longest common prefix of the ids it holds and the new prompt, so
     a reply that re-tokenises differently, or a history that is not an extension, only costs recomputation. A reply
     ends at an end token or once data.action_is_final. Episodes absent from a call are dropped. Plain argmax decoding,
     as generate(do_sample=False) with no logits processors configured. Caches of full-attention (DynamicLayer) models.
     (Hand-written, not generate(): one generate call continues one batch cache, not per-episode caches of different
-    lengths that grow turn by turn and are regrouped as episodes end and start; bench row 3 measures the gain.)
+    lengths that grow turn by turn and are regrouped as episodes end and start; bench row 3 and
+    bench/eval_breakdown.py measure the gain.)
     """
 
     def __init__(self, model, tok, rt: Runtime, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,

@@ -5,6 +5,7 @@ bookkeeping, and the harness (engine steps, game starts, pipes), for one policy 
     python bench/eval_breakdown.py --dtype bf16 --checkpoint RUN/ckpt-N --games 24 --batch 24 --new-tokens 24
     python bench/eval_breakdown.py --engine     # one engine alone: game load + reset, and a step, in this process
     python bench/eval_breakdown.py --inspect 4  # inspection of 4 trajectories: generate() vs the KV-cached policy
+    python bench/eval_breakdown.py --decode 24 1000 --dtype bf16   # a decode step: DynamicCache vs reserved columns
     STEPAGENT_BENCH_CODE=DIR python bench/eval_breakdown.py ...   # the same for the code in DIR (e.g. bench.OLD's)
 
 Times are wall seconds in the policy's process; "harness" is the evaluation's wall time minus the policy's.
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,6 +84,34 @@ def inspection_speed(model_name: str, n: int, new_tokens: int) -> None:
           f"{sum(a == b for a, b in zip(replies[False], replies[True]))}/{len(replies[True])}")
 
 
+def decode_step(model_name: str, rows: int, columns: int, dtype: str, steps: int = 12) -> None:
+    """One decode step of `rows` episodes after `columns` cached tokens: transformers' DynamicCache (a torch.cat of the
+    whole cache per layer per token) vs stepagent.reserved_cache (in-place writes), same prefill, same inputs."""
+    from transformers import DynamicCache
+
+    rt = stepagent.setup_runtime(stepagent.Config(dtype=dtype))
+    model, _ = bench.load_model(model_name, rt)
+    ids = torch.randint(100, 40_000, (rows, columns), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), rt.autocast():
+        prefill = model(input_ids=ids, use_cache=True).past_key_values
+        reserved = stepagent.reserved_cache(columns + steps)
+        for layer, kv in enumerate(prefill.layers):
+            reserved.update(kv.keys.clone(), kv.values.clone(), layer)
+    result = {}
+    for name, cache in (("DynamicCache", prefill), ("reserved", reserved)):
+        mask, logits, t0 = torch.ones(rows, columns, dtype=torch.long), [], time.perf_counter()
+        with torch.no_grad(), rt.autocast():
+            for s in range(steps):
+                mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
+                out = model(input_ids=torch.full((rows, 1), 5 + s), past_key_values=cache, attention_mask=mask,
+                            position_ids=torch.full((rows, 1), columns + s))
+                logits.append(out.logits[:, -1].float())
+        result[name] = (1000 * (time.perf_counter() - t0) / steps, torch.stack(logits))
+    (t_dyn, l_dyn), (t_res, l_res) = result.values()
+    print(f"{model_name} ({dtype}), {rows} rows after {columns} columns: DynamicCache {t_dyn:.1f} ms per decode step, "
+          f"reserved {t_res:.1f} ms ({t_dyn / t_res:.2f}x); logits equal to the bit: {torch.equal(l_dyn, l_res)}")
+
+
 def engine_breakdown(n_steps: int = 18) -> None:
     game = envs.list_games("alfworld", "valid_seen")[5]
     env = envs.AlfWorldEnv()
@@ -104,8 +135,12 @@ if __name__ == "__main__":
     p.add_argument("--checkpoint", default="", help="a trained checkpoint dir instead of --model's weights")
     p.add_argument("--engine", action="store_true", help="time one engine alone instead")
     p.add_argument("--inspect", type=int, default=0, metavar="N", help="time inspection of N trajectories instead")
+    p.add_argument("--decode", nargs=2, type=int, metavar=("ROWS", "COLUMNS"),
+                   help="time one decode step with transformers' DynamicCache vs the reserved cache instead")
     a = p.parse_args()
-    if a.inspect:
+    if a.decode:
+        decode_step(a.model, *a.decode, a.dtype)
+    elif a.inspect:
         inspection_speed(a.model, a.inspect, a.new_tokens)
     else:
         engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens,
