@@ -1172,6 +1172,48 @@ def make_act_fn(cfg: Config, rt: Runtime, model, tok):
     return act
 
 
+def auto_eval_batch(rt: Runtime) -> int:
+    """--eval-batch 0. CPU: the policy is the limit, and a decode step's cost grows slowly with its rows (the weights
+    are read once), so 4 per core (bench row 3). CUDA: the engines are the limit, and they mostly wait for the policy,
+    so 4 per core, up to 64. Both within memory: an ALFWorld engine holds up to ~1.4 GB (issue 12's measurement)."""
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 16
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(2, min(4 * cores, 64 if rt.device.type == "cuda" else 32, int(ram_gb / 1.5)))
+
+
+def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
+    """Evaluation (paper: experiments): play the real environment's held-out games; success per split and task type.
+    Under FSDP every rank joins the parameter gather, and rank 0 alone plays."""
+    if not cfg.eval_games:
+        return {}
+    with gathered(model, rt):
+        return play_splits(cfg, rt, model, tok, run, tag) if rt.is_main else {}
+
+
+def play_splits(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
+    """Every eval split's games, each finished episode a line of RUN/eval/<tag>/<split>.jsonl; the summary table."""
+    summaries, batch = {}, cfg.eval_batch or auto_eval_batch(rt)
+    print0(rt, f"evaluation: {batch} games at a time" + ("" if cfg.eval_batch else " (--eval-batch 0: this machine's)"))
+    for split in [s for s in cfg.eval_splits.split(",") if s]:
+        out = run.dir / "eval" / tag / f"{split}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        games = envs.spread_games(cfg.env, envs.list_games(cfg.env, split, cfg.env_data or None),
+                                  None if cfg.eval_games < 0 else cfg.eval_games)  # a handful covers every task type
+        summaries[split] = envs.evaluate(cfg.env, split, make_act_fn(cfg, rt, model, tok), out, None, batch,
+                                         cfg.max_steps or None, data_dir=cfg.env_data or None, games=games)
+    table = envs.format_summary(summaries)
+    cap = cfg.max_steps or envs.DEFAULT_MAX_STEPS[cfg.env] or "per-task"
+    qa = "".join(f"\n{k}: EM {s['em']:.3f}, F1 {s['reward']:.3f}" for k, s in summaries.items() if "em" in s)  # QA
+    print0(rt, f"\nsuccess ({tag}, max {cap} steps):\n{table}{qa}")
+    atomic_write(run.dir / "eval" / tag / "summary.json", json.dumps(summaries, indent=2))
+    flat = {f"eval/{split}/{k}": s[k] for split, s in summaries.items() for k in ("success", "em", "reward") if k in s}
+    run.log(stage="eval", tag=tag, **flat)
+    return summaries
+
+
+# ---------------------------------------------------------------------------- acting with kept KV caches (speed)
+
+
 def full_attention(model) -> bool:
     """Every layer attends to the whole past (layer_windows, which also reads Mistral's and Phi3's sliding_window):
     the cached policy pads inside its rows, and transformers measures a window in cache columns, not positions."""
@@ -1308,45 +1350,6 @@ class PrefixCachedPolicy:
         """The reply's action (and thought) can no longer change: stop decoding it (its text is checked at newlines)."""
         tail = self.tok.decode(reply[-1:])
         return self.stop_at_action and "\n" in tail and data.action_is_final(self.tok.decode(reply))
-
-
-def auto_eval_batch(rt: Runtime) -> int:
-    """--eval-batch 0. CPU: the policy is the limit, and a decode step's cost grows slowly with its rows (the weights
-    are read once), so 4 per core (bench row 3). CUDA: the engines are the limit, and they mostly wait for the policy,
-    so 4 per core, up to 64. Both within memory: an ALFWorld engine holds up to ~1.4 GB (issue 12's measurement)."""
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 16
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    return max(2, min(4 * cores, 64 if rt.device.type == "cuda" else 32, int(ram_gb / 1.5)))
-
-
-def evaluate(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
-    """Evaluation (paper: experiments): play the real environment's held-out games; success per split and task type.
-    Under FSDP every rank joins the parameter gather, and rank 0 alone plays."""
-    if not cfg.eval_games:
-        return {}
-    with gathered(model, rt):
-        return play_splits(cfg, rt, model, tok, run, tag) if rt.is_main else {}
-
-
-def play_splits(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> dict:
-    """Every eval split's games, each finished episode a line of RUN/eval/<tag>/<split>.jsonl; the summary table."""
-    summaries, batch = {}, cfg.eval_batch or auto_eval_batch(rt)
-    print0(rt, f"evaluation: {batch} games at a time" + ("" if cfg.eval_batch else " (--eval-batch 0: this machine's)"))
-    for split in [s for s in cfg.eval_splits.split(",") if s]:
-        out = run.dir / "eval" / tag / f"{split}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        games = envs.spread_games(cfg.env, envs.list_games(cfg.env, split, cfg.env_data or None),
-                                  None if cfg.eval_games < 0 else cfg.eval_games)  # a handful covers every task type
-        summaries[split] = envs.evaluate(cfg.env, split, make_act_fn(cfg, rt, model, tok), out, None, batch,
-                                         cfg.max_steps or None, data_dir=cfg.env_data or None, games=games)
-    table = envs.format_summary(summaries)
-    cap = cfg.max_steps or envs.DEFAULT_MAX_STEPS[cfg.env] or "per-task"
-    qa = "".join(f"\n{k}: EM {s['em']:.3f}, F1 {s['reward']:.3f}" for k, s in summaries.items() if "em" in s)  # QA
-    print0(rt, f"\nsuccess ({tag}, max {cap} steps):\n{table}{qa}")
-    atomic_write(run.dir / "eval" / tag / "summary.json", json.dumps(summaries, indent=2))
-    flat = {f"eval/{split}/{k}": s[k] for split, s in summaries.items() for k in ("success", "em", "reward") if k in s}
-    run.log(stage="eval", tag=tag, **flat)
-    return summaries
 
 
 # ============================================================================ 9. Run directory, checkpoints, resume

@@ -6,14 +6,18 @@
 #   call 3: . /root/w/env.sh && bash bench/gpu_check.sh train $OUT
 #   call 4: . /root/w/env.sh && bash bench/gpu_check.sh fsdp $OUT                   (after call 2: the tokenizer)
 #   call 5: . /root/w/env.sh && bash bench/gpu_check.sh auto $OUT          (issue 15's GPU branch; repeat to resume)
+#   call 6: . /root/w/env.sh && SWEEP_N=100 SWEEP_SEEDS=0,1 bash bench/gpu_check.sh sweep $OUT   (issue 16; repeat)
 # eval:  SFT of the embedded 135M on all expert data (the 94.8% recipe), then inspection of every expert prefix of
 #        400 trajectories (timed), then the 134 valid_unseen games at 40 turns (timed; the target is <= 60 s).
 # train: bench row 4 (MFU, tokens/s, peak memory; old vs new path; bf16 and fp16 + GradScaler), then the same SFT on
 #        the new path (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s for 2 epochs).
 # fsdp:  issue 14: a random-init 1.2B Llama trains (SFT, then one implicit cycle) at world size 1 with --dist ddp,
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
+# sweep: issue 16: cells (SWEEP_N x sft,implicit,inverse x SWEEP_SEEDS) of the replication sweep with the README's
+#        GPU settings (SWEEP_FLAGS replaces them), stopped at 9 min; every finished cell (cell.json, config, metrics,
+#        eval JSONL) and the report come back. Cells in /root/w/sweep resume on the next call while the machine is held.
 set -uo pipefail
-mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto OUT}; out=${2:?usage: bench/gpu_check.sh MODE OUT}
+mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep OUT}; out=${2:?usage: bench/gpu_check.sh MODE OUT}
 mkdir -p "$out"
 quiet() { tr '\r' '\n' | grep -v 'it/s\]'; }
 sft=(--preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 0)
@@ -48,7 +52,19 @@ elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (-
   run=/root/w/runs/auto; again=$([ -e $run/metrics.jsonl ] && echo --resume)  # past one call: run the mode again
   timeout 570 /usr/bin/time -v python stepagent.py --env alfworld --out $run $again 2>&1 | quiet > "$out/auto.log"
   cp $run/metrics.jsonl "$out/auto-metrics.jsonl"; cp -r $run/eval "$out/auto-eval"
+elif [ "$mode" = sweep ]; then
+  sw=/root/w/sweep
+  flags=${SWEEP_FLAGS:---preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 2 --heldout-steps 64}
+  # shellcheck disable=SC2086  (the flags are words)
+  timeout 540 python bench/sweep.py run --out $sw --n "${SWEEP_N:-100}" --seeds "${SWEEP_SEEDS:-0,1}" \
+    --methods sft,implicit,inverse --splits "${SWEEP_SPLITS:-valid_unseen}" $flags 2>&1 | quiet > "$out/sweep.log"
+  for cell in "$sw"/*/; do
+    [ -e "$cell/cell.json" ] || continue
+    dest="$out/sweep/$(basename "$cell")"; mkdir -p "$dest"
+    cp "$cell"/cell.json "$cell"/config.json "$cell"/metrics.jsonl "$dest/"; cp -r "$cell/eval" "$dest/"
+  done
+  python bench/sweep.py report "$sw" --md "$out/sweep.md" --plot "$out/sweep.png" > "$out/report.log" 2>&1
 else
-  echo "error: mode $mode: expected eval, train, fsdp or auto"; exit 2
+  echo "error: mode $mode: expected eval, train, fsdp, auto or sweep"; exit 2
 fi
 tail -3 "$out"/*.log
