@@ -2025,7 +2025,7 @@ def test_sweep_skips_finished_cells_and_reruns_cut_ones(tmp_path, monkeypatch):
     assert calls == [("warm", 0, 0), ("implicit", 0, 0)]
     with pytest.raises(SystemExit, match="--seed is set by the sweep"):
         sweep.main(argv + ["--seed", "3"])
-    with pytest.raises(SystemExit, match="--methods dpo: expected sft, implicit, inverse"):
+    with pytest.raises(SystemExit, match="--methods dpo: expected warm, sft, implicit, inverse"):
         sweep.main(argv[:6] + ["dpo"] + argv[7:])
 
 
@@ -2042,12 +2042,14 @@ def test_heldout_data_is_never_drawn_into_the_n(tiny_dir, tmp_path):
 
 
 def test_sweep_end_to_end_on_real_games(tiny_dir, tmp_path):
-    """Two cells (SFT and Implicit) of one (N, seed) on real ALFWorld games: both from one warm start, on the same
-    trajectories, each summarised in cell.json with its checkpoints removed; the report reads them back."""
+    """Three cells (the warm start itself, SFT and Implicit) of one (N, seed) on real ALFWorld games: all from one
+    warm start, on the same trajectories, each summarised in cell.json with its checkpoints removed; the report reads
+    them back."""
     sweep = sweep_module()
     out = tmp_path / "sw"
-    sweep.main(["run", "--out", str(out), "--n", "4", "--methods", "sft,implicit", "--seeds", "1", "--eval-games", "1",
-                "--train-val", "0", "--model", str(tiny_dir), "--preset", "small", "--max-length", "4096",
+    sweep.main(["run", "--out", str(out), "--n", "4", "--methods", "warm,sft,implicit", "--seeds", "1",
+                "--eval-games", "1", "--train-val", "0", "--model", str(tiny_dir), "--preset", "small",
+                "--max-length", "4096",
                 "--heldout-steps", "4", "--max-new-tokens", "8", "--max-steps", "2", "--cycles", "1",
                 "--inspect-trajectories", "2", "--steps-per-trajectory", "2", "--eval-batch", "1",
                 "--data", str(EXPERT)])
@@ -2059,5 +2061,8 @@ def test_sweep_end_to_end_on_real_games(tiny_dir, tmp_path):
         assert c["success"]["valid_unseen"]["n"] == 1 and c["compute"]["train_tokens"] > 0
         assert c["config"]["model"].endswith(tuple(f"ckpt-{i:06d}" for i in range(100)))
         assert not list((out / c["cell"]).glob("ckpt-*"))
+    warm = json.loads((out / "n4-warm-s1" / "cell.json").read_text())
+    assert warm["train_ids_sha256"] == sft["train_ids_sha256"] and warm["compute"]["train_tokens"] == 0
+    assert (warm["config"]["epochs"], warm["config"]["cycles"]) == (0, 0) and warm["success"]["valid_unseen"]["n"] == 1
     assert not list((out / "n4-s1-warmstart").glob("ckpt-*"))
     assert "| 4 (" in sweep.report(["--md", str(tmp_path / "r.md"), str(out)])

@@ -22,6 +22,7 @@ games played to choose hyper-parameters. Never tune on valid_seen / valid_unseen
 Fair budget. The warm start is --epochs E of SFT on the N trajectories. With C = --cycles, the SFT cell then trains C
 more SFT epochs on the same N from the warm start (fresh warm-up + cosine at --lr); the Implicit and Inverse cells run
 C StepAgent cycles from it. Every cell gets one more round of training per cycle; its tokens are reported beside it.
+--methods warm adds the warm start itself as a cell (no more training): what each method adds to its starting point.
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ import envs  # noqa: E402
 import replication  # noqa: E402
 import stepagent  # noqa: E402
 
-METHODS = ("sft", "implicit", "inverse")
-LABELS = {"sft": "SFT", "implicit": "StepAgent-Implicit", "inverse": "StepAgent-Inverse"}
+METHODS = ("warm", "sft", "implicit", "inverse")
+LABELS = {"warm": "SFT warm start", "sft": "SFT", "implicit": "StepAgent-Implicit", "inverse": "StepAgent-Inverse"}
 OWNED = ("out", "seed", "trajectory_seed", "max_trajectories", "method", "resume", "heldout_data", "eval_games",
          "eval_splits")  # stepagent flags the sweep sets per cell
 SPEED_ONLY = ("data", "env_data", "model", "eval_batch", "gen_batch_size", "tokens_per_batch", "compile", "attn",
@@ -163,10 +164,11 @@ def torch_device_name(rt) -> str:
 
 def run_cell(args, flags: list[str], base, n: int, method: str, seed: int, warm: tuple[Path, dict],
              heldout: Path | None, train_val: list[str]) -> dict:
-    """One cell: from the warm start, C more SFT epochs (sft) or C cycles (implicit, inverse); evaluate; cell.json."""
+    """One cell: from the warm start, C more SFT epochs (sft) or C cycles (implicit, inverse), or nothing (warm: the
+    point every method starts from); evaluate; cell.json."""
     run, (ckpt, warm_summary), c = args.out / cell_name(n, method, seed), warm, base.cycles
-    extra = ["--model", str(ckpt), *(["--epochs", str(c), "--cycles", "0"] if method == "sft" else
-                                     ["--epochs", "0", "--cycles", str(c), "--method", method])]
+    more = {"warm": ["--epochs", "0", "--cycles", "0"], "sft": ["--epochs", str(c), "--cycles", "0"]}
+    extra = ["--model", str(ckpt), *more.get(method, ["--epochs", "0", "--cycles", str(c), "--method", method])]
     cfg = stage_config(flags, run, n, seed, heldout, extra)
     t0 = time.time()
     res = stepagent.train(cfg)
