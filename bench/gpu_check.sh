@@ -67,4 +67,4 @@ elif [ "$mode" = sweep ]; then
 else
   echo "error: mode $mode: expected eval, train, fsdp, auto or sweep"; exit 2
 fi
-tail -3 "$out"/*.log
+tail -n 3 "$out"/*.log
