@@ -87,8 +87,6 @@ def inspection_speed(model_name: str, n: int, new_tokens: int) -> None:
 def decode_step(model_name: str, rows: int, columns: int, dtype: str, steps: int = 12) -> None:
     """One decode step of `rows` episodes after `columns` cached tokens: transformers' DynamicCache (a torch.cat of the
     whole cache per layer per token) vs stepagent.reserved_cache (in-place writes), same prefill, same inputs."""
-    from transformers import DynamicCache
-
     rt = stepagent.setup_runtime(stepagent.Config(dtype=dtype))
     model, _ = bench.load_model(model_name, rt)
     ids = torch.randint(100, 40_000, (rows, columns), generator=torch.Generator().manual_seed(0))
