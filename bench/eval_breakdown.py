@@ -88,10 +88,11 @@ def decode_step(model_name: str, rows: int, columns: int, dtype: str, steps: int
     """One decode step of `rows` episodes after `columns` cached tokens: transformers' DynamicCache (a torch.cat of the
     whole cache per layer per token) vs stepagent.reserved_cache (in-place writes), same prefill, same inputs."""
     rt = stepagent.setup_runtime(stepagent.Config(dtype=dtype))
-    model, _ = bench.load_model(model_name, rt)
+    model, tok = bench.load_model(model_name, rt)
+    cache_kw = stepagent.PrefixCachedPolicy(model, tok, rt, 1).cache_kw  # `cache` in newer transformers
     ids = torch.randint(100, 40_000, (rows, columns), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), rt.autocast():
-        prefill = model(input_ids=ids, use_cache=True).past_key_values
+        prefill = getattr(model(input_ids=ids, use_cache=True), cache_kw)
         reserved = stepagent.reserved_cache(columns + steps)
         for layer, kv in enumerate(prefill.layers):
             reserved.update(kv.keys.clone(), kv.values.clone(), layer)
@@ -101,8 +102,8 @@ def decode_step(model_name: str, rows: int, columns: int, dtype: str, steps: int
         with torch.no_grad(), rt.autocast():
             for s in range(steps):
                 mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
-                out = model(input_ids=torch.full((rows, 1), 5 + s), past_key_values=cache, attention_mask=mask,
-                            position_ids=torch.full((rows, 1), columns + s))
+                out = model(input_ids=torch.full((rows, 1), 5 + s), attention_mask=mask,
+                            position_ids=torch.full((rows, 1), columns + s), **{cache_kw: cache})
                 logits.append(out.logits[:, -1].float())
         result[name] = (1000 * (time.perf_counter() - t0) / steps, torch.stack(logits))
     (t_dyn, l_dyn), (t_res, l_res) = result.values()
