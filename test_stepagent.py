@@ -1969,7 +1969,7 @@ def fake_cell(n: int, method: str, seed: int, unseen: float, sha: str = "ab") ->
             "compute": {"device": "cpu (2 cores)", "train_tokens": 2e6, "warmstart_tokens": 1e6, "train_seconds": 60,
                         "eval_seconds": 60, "warmstart_seconds": 30},
             "cycles": [{"cycle": "init", "cycle/agreement": 0.1}, {"cycle": 0, "cycle/agreement": 0.2 + seed / 10}],
-            "config": {"max_steps": 20, "beta": 0.1, "seed": seed, "method": method},
+            "config": {"max_steps": 20, "beta": 0.1, "seed": seed, "method": method if method == "inverse" else "implicit"},
             "sweep": {"epochs": 1, "cycles": 2, "train_val": 120, "fair_budget": "warm start 1 SFT epoch; ..."}}
 
 
@@ -1988,8 +1988,14 @@ def test_sweep_report_averages_seeds_and_flags_mixed_cells(tmp_path):
     assert "| 25 (25) | SFT | 0,1 | 20.0 ± 14.1% (2) | 2.00 M (+ 1.00 M) | 2.0 | cpu (2 cores) |" in text
     assert "| 25 | SFT | 0 | 0.250 |" in text and "Warning" not in text  # cycle 0 agreement: mean of 0.2 and 0.3
     assert "| 25 | SFT | 8 | go to 100% | 25% | 25% | 2/4 | 0/4 |" in text  # summed over seeds
-    cells[2]["train_ids_sha256"], cells[3]["config"]["beta"] = "cd", 0.5
-    assert "the cells differ in beta, the trajectories of N=25 seed 0" in sweep.report_markdown(cells)
+    cells[3]["config"]["beta"] = 0.5  # an SFT cell does not read β; each StepAgent variant is tuned on its own
+    assert "Warning" not in sweep.report_markdown(cells + [{**fake_cell(25, "inverse", 0, 0.2), "config": {
+        **fake_cell(25, "inverse", 0, 0.2)["config"], "beta": 0.3}}])
+    cells[2]["train_ids_sha256"], cells[3]["config"]["max_steps"] = "cd", 40
+    cells.append({**fake_cell(50, "implicit", 1, 0.3), "config": {**cells[2]["config"], "beta": 0.5}})
+    assert "the cells differ in max_steps, beta (StepAgent-Implicit), the trajectories of N=25 seed 0" in \
+        sweep.report_markdown(cells)
+    cells.pop()
     for c in cells[:2]:
         (tmp_path / c["cell"]).mkdir()
         (tmp_path / c["cell"] / "cell.json").write_text(json.dumps(c))
@@ -2023,6 +2029,27 @@ def test_sweep_skips_finished_cells_and_reruns_cut_ones(tmp_path, monkeypatch):
     (tmp_path / "sw" / "nall-implicit-s0" / "cell.json").unlink()  # cut before it was evaluated
     sweep.main(argv)
     assert calls == [("warm", 0, 0), ("implicit", 0, 0)]
+    calls.clear()  # tuned on one split, then asked for another: the kept checkpoint plays it, nothing retrains
+
+    def evaluate(cfg, run, splits, eval_games, train_val):
+        calls.append((run.name, splits, cfg.max_steps))
+        return {s: {"env": "alfworld", "split": s, "success": 0.5, "n": 2} for s in splits}, \
+            {s: fake_cell(1, "sft", 0, 0)["behaviour"]["valid_unseen"] for s in splits}, "cpu"
+
+    monkeypatch.setattr(sweep, "evaluate_cell", evaluate)
+    more = argv[:6] + ["sft"] + argv[7:9] + ["--splits", "valid_unseen,valid_seen"] + argv[9:]
+    with pytest.raises(SystemExit, match="n25-sft-s0/cell.json has no valid_seen and its checkpoint was deleted"):
+        sweep.main(more)
+    for run in (tmp_path / "sw").glob("n*-sft-s0"):
+        (run / "ckpt-000007").mkdir()
+        (run / "ckpt-000007" / "state.pt").write_bytes(b"")
+    sweep.main(more)
+    assert calls == [("n25-sft-s0", ["valid_seen"], 20), ("nall-sft-s0", ["valid_seen"], 20)]  # the cell's config
+    cell = json.loads((tmp_path / "sw" / "n25-sft-s0" / "cell.json").read_text())
+    assert cell["success"]["valid_seen"] == {"success": 0.5, "n": 2} and "valid_unseen" in cell["success"]
+    calls.clear()
+    sweep.main(more)
+    assert calls == []
     with pytest.raises(SystemExit, match="--seed is set by the sweep"):
         sweep.main(argv + ["--seed", "3"])
     with pytest.raises(SystemExit, match="--methods dpo: expected warm, sft, implicit, inverse"):

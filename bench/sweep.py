@@ -9,15 +9,17 @@ Cells. A cell is (N, method, seed) in OUT/n{N}-{method}-s{seed}/ (N "all": every
 directory (config.json, metrics.jsonl, eval/final/<split>.jsonl) and cell.json, its summary (success per split,
 training tokens, wall time, device, config, per-cycle diagnostics, behaviour counts), written atomically as soon as
 the cell is evaluated. A cell with cell.json is skipped; one without resumes (stepagent --resume; the evaluation keeps
-the games already played). `report` globs OUT/*/cell.json: cells from different machines merge by copying their
-directories into one OUT, or by naming several OUTs. Checkpoints are deleted once a cell is done (--keep-checkpoints).
+the games already played). A finished cell asked for a split it has not played plays it with its kept checkpoint.
+`report` globs OUT/*/cell.json: cells from different machines merge by copying their directories into one OUT, or by
+naming several OUTs. Checkpoints are deleted once a cell is done (--keep-checkpoints).
 
 Data. The seed draws the N trajectories (--trajectory-seed = --seed: an order hashed from the ids, so N=50 holds the
-N=25 of the same seed). SFT runs once per (N, seed), into OUT/n{N}-s{seed}-warmstart/, and every method of that
-(N, seed) starts from its checkpoint, trains on exactly its N trajectories and inspects only those. The expert
+N=25 of the same seed). SFT runs once per (N, seed), into OUT/n{N}-s{seed}-warmstart/, and every method of that (N,
+seed) starts from its checkpoint, trains on exactly its N trajectories and inspects only those. The expert
 trajectories of --train-val V held-out train games (fixed: the first V train games round-robin over task types in a
 hash order) are in no N; they are the held-out convergence steps (--heldout-data) and, with --splits train-val, the
-games played to choose hyper-parameters. Never tune on valid_seen / valid_unseen.
+games played to choose hyper-parameters (--eval-games K plays the first K, spread over task types). Never tune on
+valid_seen / valid_unseen.
 
 Fair budget. The warm start is --epochs E of SFT on the N trajectories. With C = --cycles, the SFT cell then trains C
 more SFT epochs on the same N from the warm start (fresh warm-up + cosine at --lr); the Implicit and Inverse cells run
@@ -54,6 +56,9 @@ OWNED = ("out", "seed", "trajectory_seed", "max_trajectories", "method", "resume
          "eval_splits")  # stepagent flags the sweep sets per cell
 SPEED_ONLY = ("data", "env_data", "model", "eval_batch", "gen_batch_size", "tokens_per_batch", "compile", "attn",
               "dtype", "eval_cache", "save_every")  # settings that may differ between merged cells (machines, speed)
+CYCLE_ONLY = ("inspect_trajectories", "steps_per_trajectory", "samples_per_step", "temperature", "reflect_lr",
+              "reflect_epochs", "reflect_batch", "beta", "sft_weight", "disc_model", "disc_steps", "disc_lr",
+              "disc_batch", "disc_hidden", "baseline", "clip", "kl_coef", "ppo_epochs")  # read by cycles only
 
 
 # ----------------------------------------------------------------------------- run
@@ -141,8 +146,8 @@ def evaluate_cell(cfg, run: Path, splits: list[str], eval_games: int, train_val:
     act, batch = stepagent.make_act_fn(cfg, rt, model, tok), cfg.eval_batch or stepagent.auto_eval_batch(rt)
     summaries, behaviour = {}, {}
     for split in splits:
-        games = train_val if split == "train-val" else envs.spread_games(
-            cfg.env, envs.list_games(cfg.env, split, cfg.env_data or None), None if eval_games < 0 else eval_games)
+        pool = train_val if split == "train-val" else envs.list_games(cfg.env, split, cfg.env_data or None)
+        games = envs.spread_games(cfg.env, pool, None if eval_games < 0 else eval_games)  # train-val: its first K
         out = run / "eval" / "final" / f"{split}.jsonl"
         summaries[split] = envs.evaluate(cfg.env, "train" if split == "train-val" else split, act, out, None, batch,
                                          cfg.max_steps or None, data_dir=cfg.env_data or None, games=games)
@@ -198,6 +203,26 @@ def run_cell(args, flags: list[str], base, n: int, method: str, seed: int, warm:
     return summary
 
 
+def add_splits(args, run: Path, train_val: list[str]) -> dict | None:
+    """A finished cell asked for splits it has not played (tuned on train-val, now the valid splits once): its kept
+    checkpoint plays them, and cell.json gains them. None if it has every split."""
+    cell = json.loads((run / "cell.json").read_text())
+    if not (missing := [s for s in args.splits if s not in cell["success"]]):
+        return None
+    if not stepagent._checkpoints(run):
+        raise SystemExit(f"error: {run}/cell.json has no {', '.join(missing)} and its checkpoint was deleted (keep it "
+                         f"with --keep-checkpoints): move {run} away to train the cell again")
+    names = {f.name for f in dataclasses.fields(stepagent.Config)}
+    cfg = stepagent.Config(**{k: v for k, v in cell["config"].items() if k in names})
+    t0 = time.time()
+    summaries, behaviour, _ = evaluate_cell(cfg, run, missing, args.eval_games, train_val)
+    cell["success"].update({s: {k: v for k, v in m.items() if k not in ("env", "split")} for s, m in summaries.items()})
+    cell["behaviour"].update(behaviour)
+    cell["compute"]["eval_seconds"] += time.time() - t0
+    stepagent.atomic_write(run / "cell.json", json.dumps(clean(cell), indent=2))
+    return cell
+
+
 def run_sweep(argv: list[str]) -> list[dict]:
     p = argparse.ArgumentParser(prog="sweep.py run", description="Run the cells (N x method x seed) of the sweep.",
                                 allow_abbrev=False)
@@ -206,7 +231,7 @@ def run_sweep(argv: list[str]) -> list[dict]:
     p.add_argument("--methods", default="sft,implicit,inverse", help=f"subset of {','.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2", help="each seed draws its own N trajectories")
     p.add_argument("--splits", default="valid_unseen", help="valid_unseen, valid_seen, train-val (held-out train)")
-    p.add_argument("--eval-games", type=int, default=-1, help="games per valid split (-1 = all); train-val plays all V")
+    p.add_argument("--eval-games", type=int, default=-1, help="games per split (-1 = all; train-val: all V)")
     p.add_argument("--train-val", type=int, default=120, help="V held-out train games: in no N (0 = none; the "
                    "convergence steps are then --val-fraction of the N, as in a plain stepagent run)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's final checkpoint (~0.5 GB each)")
@@ -233,7 +258,9 @@ def run_sweep(argv: list[str]) -> list[dict]:
     cells = []
     for n in ns:
         for seed in seeds:
-            todo = [m for m in args.methods if not (args.out / cell_name(n, m, seed) / "cell.json").exists()]
+            done = [m for m in args.methods if (args.out / cell_name(n, m, seed) / "cell.json").exists()]
+            cells += [c for m in done if (c := add_splits(args, args.out / cell_name(n, m, seed), train_val))]
+            todo = [m for m in args.methods if m not in done]
             print(f"sweep: N={n or 'all'} seed {seed}: " + (f"running {', '.join(todo)}" if todo else "all done"))
             if not todo:
                 continue
@@ -287,10 +314,15 @@ def tokens(x: float) -> str:
 
 
 def differing_settings(cells: list[dict]) -> list[str]:
-    """Settings that differ between cells although they should not (merged cells of different sweeps)."""
-    per_cell = set(OWNED) | set(SPEED_ONLY) | {"trajectory_seed", "epochs", "cycles", "method"}
+    """Settings that differ between cells although they should not (merged cells of different sweeps). The cycle
+    settings are compared within a method only: each StepAgent variant is tuned on its own, SFT cells ignore them."""
+    per_cell = set(OWNED) | set(SPEED_ONLY) | set(CYCLE_ONLY) | {"trajectory_seed", "epochs", "cycles", "method"}
     keys = {k for c in cells for k in c["config"]} - per_cell
     diff = [k for k in sorted(keys) if len({json.dumps(c["config"].get(k)) for c in cells}) > 1]
+    for method in ("implicit", "inverse"):
+        same = [c for c in cells if c["method"] == method]
+        diff += [f"{k} ({LABELS[method]})" for k in CYCLE_ONLY
+                 if len({json.dumps(c["config"].get(k)) for c in same}) > 1]
     diff += [f"sweep.{k}" for k in ("epochs", "cycles", "train_val") if len({c["sweep"].get(k) for c in cells}) > 1]
     draws: dict[tuple, set] = {}  # every method of an (N, seed) must have trained on the same trajectories
     for c in cells:
