@@ -2001,6 +2001,9 @@ def test_sweep_report_averages_seeds_and_flags_mixed_cells(tmp_path):
         (tmp_path / c["cell"] / "cell.json").write_text(json.dumps(c))
     (tmp_path / "n25-s0-warmstart").mkdir()  # a warm start is not a cell
     assert [c["cell"] for c in sweep.load_cells([tmp_path])] == ["n25-sft-s0", "n25-sft-s1"]
+    png = ["--plot", str(tmp_path / "p.png")]
+    assert "| valid_unseen |" in sweep.report([str(tmp_path), *png])
+    assert "| valid_unseen |" not in sweep.report([str(tmp_path), "--splits", "valid_seen", *png])  # tuning games out
 
 
 def test_sweep_skips_finished_cells_and_reruns_cut_ones(tmp_path, monkeypatch):

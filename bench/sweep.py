@@ -413,8 +413,13 @@ def report(argv: list[str]) -> str:
     p.add_argument("outs", nargs="+", type=Path, help="sweep folders (or cell folders) holding */cell.json")
     p.add_argument("--md", type=Path, help="write the markdown here (default: FIRST_OUT/sweep.md)")
     p.add_argument("--plot", type=Path, help="write the plot here (default: FIRST_OUT/sweep.png)")
+    p.add_argument("--splits", help="only these splits' columns (e.g. valid_unseen,valid_seen: not the tuning games)")
     args = p.parse_args(argv)
     cells = load_cells(args.outs)
+    if args.splits:
+        keep = set(parse_list(args.splits, "splits"))
+        cells = [{**c, "success": {s: v for s, v in c["success"].items() if s in keep},
+                  "behaviour": {s: v for s, v in c["behaviour"].items() if s in keep}} for c in cells]
     text = report_markdown(cells)
     print(text)
     md = args.md or args.outs[0] / "sweep.md"
