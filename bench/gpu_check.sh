@@ -13,9 +13,10 @@
 #        the new path (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s for 2 epochs).
 # fsdp:  issue 14: a random-init 1.2B Llama trains (SFT, then one implicit cycle) at world size 1 with --dist ddp,
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
-# sweep: issue 16: cells (SWEEP_N x sft,implicit,inverse x SWEEP_SEEDS) of the replication sweep with the README's
+# sweep: issue 16: cells (SWEEP_N x SWEEP_METHODS x SWEEP_SEEDS) of the replication sweep with the README's
 #        GPU settings (SWEEP_FLAGS replaces them), stopped at 9 min; every finished cell (cell.json, config, metrics,
-#        eval JSONL) and the report come back. Cells in /root/w/sweep resume on the next call while the machine is held.
+#        eval JSONL) and the report come back. Cells in /root/w/sweep resume on the next call while the machine is
+#        held, and a cell asked for a new split (SWEEP_SPLITS) plays it with its kept checkpoint.
 set -uo pipefail
 mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep OUT}; out=${2:?usage: bench/gpu_check.sh MODE OUT}
 mkdir -p "$out"
@@ -54,10 +55,14 @@ elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (-
   cp $run/metrics.jsonl "$out/auto-metrics.jsonl"; cp -r $run/eval "$out/auto-eval"
 elif [ "$mode" = sweep ]; then
   sw=/root/w/sweep
-  flags=${SWEEP_FLAGS:---preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 2 --heldout-steps 64}
+  # the cycle settings chosen on held-out train games on CPU (README, "How the cycle settings were chosen");
+  # SWEEP_SPLITS=train-val plays those games to check them at GPU scale before the valid splits
+  flags=${SWEEP_FLAGS:---preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 2 --heldout-steps 64 \
+    --max-steps 40 --reflect-lr 1e-5 --reflect-epochs 2 --samples-per-step 2 --steps-per-trajectory 2 --sft-weight 1}
   # shellcheck disable=SC2086  (the flags are words)
   timeout 540 python bench/sweep.py run --out $sw --n "${SWEEP_N:-100}" --seeds "${SWEEP_SEEDS:-0,1}" \
-    --methods sft,implicit,inverse --splits "${SWEEP_SPLITS:-valid_unseen}" $flags 2>&1 | quiet > "$out/sweep.log"
+    --methods "${SWEEP_METHODS:-warm,sft,implicit,inverse}" --splits "${SWEEP_SPLITS:-valid_unseen}" \
+    --keep-checkpoints $flags 2>&1 | quiet > "$out/sweep.log"
   for cell in "$sw"/*/; do
     [ -e "$cell/cell.json" ] || continue
     dest="$out/sweep/$(basename "$cell")"; mkdir -p "$dest"
