@@ -390,6 +390,9 @@ def plot(agg: dict, path: Path) -> Path | None:
         print("no plot: matplotlib is not installed (pip install matplotlib); the table above has every number")
         return None
     splits = [s for s in ("valid_unseen", "valid_seen", "train-val") if any(s in a["success"] for a in agg.values())]
+    if not splits:
+        print("no plot: no cell has a success for these splits")
+        return None
     fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
     for ax, split in zip(axes[0], splits):
         for method in METHODS:
