@@ -1969,7 +1969,8 @@ def fake_cell(n: int, method: str, seed: int, unseen: float, sha: str = "ab") ->
             "compute": {"device": "cpu (2 cores)", "train_tokens": 2e6, "warmstart_tokens": 1e6, "train_seconds": 60,
                         "eval_seconds": 60, "warmstart_seconds": 30},
             "cycles": [{"cycle": "init", "cycle/agreement": 0.1}, {"cycle": 0, "cycle/agreement": 0.2 + seed / 10}],
-            "config": {"max_steps": 20, "beta": 0.1, "seed": seed, "method": method if method == "inverse" else "implicit"},
+            "config": {"max_steps": 20, "beta": 0.1, "seed": seed,  # stepagent's --method: SFT cells keep the default
+                       "method": method if method == "inverse" else "implicit"},
             "sweep": {"epochs": 1, "cycles": 2, "train_val": 120, "fair_budget": "warm start 1 SFT epoch; ..."}}
 
 
