@@ -2005,6 +2005,8 @@ def test_sweep_report_averages_seeds_and_flags_mixed_cells(tmp_path):
     png = ["--plot", str(tmp_path / "p.png")]
     assert "| valid_unseen |" in sweep.report([str(tmp_path), *png])
     assert "| valid_unseen |" not in sweep.report([str(tmp_path), "--splits", "valid_seen", *png])  # tuning games out
+    with pytest.raises(SystemExit, match="--splits valid-seen: expected valid_unseen, valid_seen, train-val"):
+        sweep.report([str(tmp_path), "--splits", "valid-seen", *png])
 
 
 def test_sweep_skips_finished_cells_and_reruns_cut_ones(tmp_path, monkeypatch):
@@ -2037,7 +2039,7 @@ def test_sweep_skips_finished_cells_and_reruns_cut_ones(tmp_path, monkeypatch):
 
     def evaluate(cfg, run, splits, eval_games, train_val):
         calls.append((run.name, splits, cfg.max_steps))
-        return {s: {"env": "alfworld", "split": s, "success": 0.5, "n": 2} for s in splits}, \
+        return {s: {"success": 0.5, "n": 2} for s in splits}, \
             {s: fake_cell(1, "sft", 0, 0)["behaviour"]["valid_unseen"] for s in splits}, "cpu"
 
     monkeypatch.setattr(sweep, "evaluate_cell", evaluate)

@@ -51,6 +51,7 @@ import replication  # noqa: E402
 import stepagent  # noqa: E402
 
 METHODS = ("warm", "sft", "implicit", "inverse")
+SPLITS = ("valid_unseen", "valid_seen", "train-val")  # train-val: the held-out train games, for choosing settings
 LABELS = {"warm": "SFT warm start", "sft": "SFT", "implicit": "StepAgent-Implicit", "inverse": "StepAgent-Inverse"}
 OWNED = ("out", "seed", "trajectory_seed", "max_trajectories", "method", "resume", "heldout_data", "eval_games",
          "eval_splits")  # stepagent flags the sweep sets per cell
@@ -140,7 +141,8 @@ def clean(obj):
 
 
 def evaluate_cell(cfg, run: Path, splits: list[str], eval_games: int, train_val: list[str]) -> tuple[dict, dict, str]:
-    """Play the cell's final checkpoint on each split: valid splits (--eval-games), or the held-out train games."""
+    """Play the cell's final checkpoint on each split: valid splits (--eval-games), or the held-out train games.
+    Returns per split the success summary (envs.evaluate's, without env and split), the behaviour counts, the device."""
     rt = stepagent.setup_runtime(cfg)
     model, tok = stepagent.load_policy(str(stepagent._checkpoints(run)[-1]), rt, cfg.attn)
     act, batch = stepagent.make_act_fn(cfg, rt, model, tok), cfg.eval_batch or stepagent.auto_eval_batch(rt)
@@ -149,8 +151,9 @@ def evaluate_cell(cfg, run: Path, splits: list[str], eval_games: int, train_val:
         pool = train_val if split == "train-val" else envs.list_games(cfg.env, split, cfg.env_data or None)
         games = envs.spread_games(cfg.env, pool, None if eval_games < 0 else eval_games)  # train-val: its first K
         out = run / "eval" / "final" / f"{split}.jsonl"
-        summaries[split] = envs.evaluate(cfg.env, "train" if split == "train-val" else split, act, out, None, batch,
-                                         cfg.max_steps or None, data_dir=cfg.env_data or None, games=games)
+        m = envs.evaluate(cfg.env, "train" if split == "train-val" else split, act, out, None, batch,
+                          cfg.max_steps or None, data_dir=cfg.env_data or None, games=games)
+        summaries[split] = {k: v for k, v in m.items() if k not in ("env", "split")}
         recs = [json.loads(ln) for ln in out.read_text().splitlines() if ln.strip()]
         b = replication.behaviour([r for r in recs if r["game"] in set(games)])
         behaviour[split] = {**b, "verbs": dict(b["verbs"])}
@@ -186,7 +189,7 @@ def run_cell(args, flags: list[str], base, n: int, method: str, seed: int, warm:
     summary = {
         "cell": run.name, "n": n, "method": method, "seed": seed, "trajectories": len(res["train_ids"]),
         "train_ids_sha256": ids_digest(res["train_ids"]),
-        "success": {s: {k: v for k, v in m.items() if k not in ("env", "split")} for s, m in summaries.items()},
+        "success": summaries,
         "behaviour": behaviour,
         "compute": {"device": device, "train_tokens": tokens, "warmstart_tokens": warm_summary["tokens"],
                     "train_seconds": train_s, "inspect_seconds": inspect_s, "eval_seconds": eval_s,
@@ -216,7 +219,7 @@ def add_splits(args, run: Path, train_val: list[str]) -> dict | None:
     cfg = stepagent.Config(**{k: v for k, v in cell["config"].items() if k in names})
     t0 = time.time()
     summaries, behaviour, _ = evaluate_cell(cfg, run, missing, args.eval_games, train_val)
-    cell["success"].update({s: {k: v for k, v in m.items() if k not in ("env", "split")} for s, m in summaries.items()})
+    cell["success"].update(summaries)
     cell["behaviour"].update(behaviour)
     cell["compute"]["eval_seconds"] += time.time() - t0
     stepagent.atomic_write(run / "cell.json", json.dumps(clean(cell), indent=2))
@@ -240,8 +243,8 @@ def run_sweep(argv: list[str]) -> list[dict]:
     args.methods, seeds = parse_list(args.methods, "methods"), parse_list(args.seeds, "seeds", int)
     args.splits = parse_list(args.splits, "splits")
     for flag, bad, expected in [("methods", set(args.methods) - set(METHODS), ", ".join(METHODS)),
-                                ("splits", set(args.splits) - {"valid_unseen", "valid_seen", "train-val"},
-                                 "valid_unseen, valid_seen, train-val"), ("n", {x for x in ns if x < 0}, ">= 0")]:
+                                ("splits", set(args.splits) - set(SPLITS), ", ".join(SPLITS)),
+                                ("n", {x for x in ns if x < 0}, ">= 0")]:
         if bad:
             raise SystemExit(f"error: --{flag} {','.join(map(str, bad))}: expected {expected}")
     if "train-val" in args.splits and args.train_val <= 0:
@@ -334,7 +337,7 @@ def report_markdown(cells: list[dict]) -> str:
     if not cells:
         return "no finished cells (OUT/*/cell.json) found"
     agg = aggregate(cells)
-    splits = [s for s in ("valid_unseen", "valid_seen", "train-val") if any(s in a["success"] for a in agg.values())]
+    splits = [s for s in SPLITS if any(s in a["success"] for a in agg.values())]
     lines = ["| N (trained) | method | seeds | " + " | ".join(splits) + " | training tokens: cell (+ warm start) "
              "| wall min per cell (train + eval) | device |", "|" + "---|" * (6 + len(splits))]
     for (n, method), a in agg.items():
@@ -389,7 +392,7 @@ def plot(agg: dict, path: Path) -> Path | None:
     except ImportError:
         print("no plot: matplotlib is not installed (pip install matplotlib); the table above has every number")
         return None
-    splits = [s for s in ("valid_unseen", "valid_seen", "train-val") if any(s in a["success"] for a in agg.values())]
+    splits = [s for s in SPLITS if any(s in a["success"] for a in agg.values())]
     if not splits:
         print("no plot: no cell has a success for these splits")
         return None
@@ -420,7 +423,8 @@ def report(argv: list[str]) -> str:
     args = p.parse_args(argv)
     cells = load_cells(args.outs)
     if args.splits:
-        keep = set(parse_list(args.splits, "splits"))
+        if bad := set(keep := parse_list(args.splits, "splits")) - set(SPLITS):
+            raise SystemExit(f"error: --splits {','.join(sorted(bad))}: expected {', '.join(SPLITS)}")
         cells = [{**c, "success": {s: v for s, v in c["success"].items() if s in keep},
                   "behaviour": {s: v for s, v in c["behaviour"].items() if s in keep}} for c in cells]
     text = report_markdown(cells)
