@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import gc
 import hashlib
 import html
 import html.parser
@@ -878,6 +879,20 @@ def _serve(conn, env: str, kw: dict, parent: int) -> None:
             obj.close()
 
 
+def _release_freed_memory() -> None:
+    """Hand the memory a trainer freed back to the OS before engines fork. A forked child maps every page its parent
+    holds, so a page glibc keeps after free() stays in use while any engine lives, even once the parent lets it go.
+    Measured in the sweep: the evaluating process held 7.3 GB after training, 2.9 GB after malloc_trim(0).
+    glibc only; a no-op elsewhere."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 RECYCLE_AFTER = 100  # games per engine process: loading a TextWorld game leaks ~3 MB that no close() gives back
 
 
@@ -1048,6 +1063,8 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
     kw = _env_kwargs(env, max_steps, data_dir)
     start_timeout = max(step_timeout, 60.0)  # loading a game (and a JVM) is slower than a step, more so under load
     n_slots = max(1, min(batch_size, len(todo)))
+    if todo:
+        _release_freed_memory()
     workers: list[_Worker | None] = [None] * n_slots
     episodes: list[dict | None] = [None] * n_slots
     won = [sum(r["won"] for r in done.values())]

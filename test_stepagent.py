@@ -1756,12 +1756,18 @@ def test_a_loading_game_holds_up_no_live_episode(tmp_path, monkeypatch):
     assert late in calls[-1]
 
 
-def test_evaluate_resumes_where_it_stopped(tmp_path):
-    """Rerunning with the same out_jsonl plays only the games not yet recorded; the summary covers all of them."""
+def test_evaluate_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Rerunning with the same out_jsonl plays only the games not yet recorded; the summary covers all of them.
+    Freed memory goes back to the OS before the first engine forks, and only when there is a game to play."""
     out = tmp_path / "e.jsonl"
     envs.evaluate("alfworld", "valid_seen", replay(PLANS), out, n_games=2, batch_size=2, max_steps=10)
     with open(out, "a") as f:
         f.write('{"game": "torn li')  # a run killed mid-write leaves a partial last line
+    events = []
+    monkeypatch.setattr(envs, "_release_freed_memory", lambda: events.append("release"))
+    worker = envs._Worker
+    monkeypatch.setattr(envs, "_Worker", type("W", (worker,), {
+        "__init__": lambda self, *a: (events.append("fork"), worker.__init__(self, *a))[1]}))
     played = []
 
     def act(histories):
@@ -1771,8 +1777,10 @@ def test_evaluate_resumes_where_it_stopped(tmp_path):
     summary = envs.evaluate("alfworld", "valid_seen", act, out, n_games=3, batch_size=2, max_steps=10)
     assert set(played) == {FIRST_SEEN[2]} and summary["n"] == 3 and summary["success"] == 1.0
     assert sorted(r["game"] for r in read(out)) == sorted(FIRST_SEEN)  # the torn tail was cut: every line reads
+    assert events == ["release", "fork"]
     played.clear()
     assert envs.evaluate("alfworld", "valid_seen", act, out, n_games=3, max_steps=10)["n"] == 3 and not played
+    assert events == ["release", "fork"]
     with pytest.raises(envs.EnvError, match="max_steps=10, not 20"):
         envs.evaluate("alfworld", "valid_seen", act, out, n_games=3, max_steps=20)
 
