@@ -1067,8 +1067,12 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
             h_e, h_a = torch.cat([o["h_e"] for o in outs]), torch.cat([o["h_a"] for o in outs])
         f_e, f_a = disc(h_e), disc(h_a)  # (N,)
         _, held_stats = discriminator_loss(f_e[held_idx], f_a[held_idx]) if len(held_idx) else (None, {})
-    # 3. step rewards and advantages A = r − b(h_t)
     agree = torch.tensor([it.agree for _, items in groups for it in items], device=f_a.device)
+    # D_φ can only separate steps where a ≠ â: where they agree, f_φ(h, a) = f_φ(h, â) and accuracy is ½ by construction
+    differ = held_idx[~agree[held_idx.to(agree.device)].cpu()]
+    acc_differ = ((f_e[differ] > 0).float().mean() + (f_a[differ] < 0).float().mean()).item() / 2 if len(differ) \
+        else float("nan")
+    # 3. step rewards and advantages A = r − b(h_t)
     r = irl_reward(f_a)  # (N,)
     baseline = cfg.baseline if cfg.baseline != "auto" else ("group" if cfg.samples_per_step > 1 else "value")
     if baseline == "group":  # mean reward of the K samples at the same prefix
@@ -1119,7 +1123,7 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     hs = floats(held_stats)
     tokens = int(sum_over_ranks(torch.tensor(tokens, device=rt.device), rt))
     held_acc = (hs["irl/D_acc_expert"] + hs["irl/D_acc_agent"]) / 2 if hs else float("nan")
-    return {**summary, **floats(d_stats), "irl/D_acc_heldout": held_acc,
+    return {**summary, **floats(d_stats), "irl/D_acc_heldout": held_acc, "irl/D_acc_heldout_differ": acc_differ,
             "irl/reward_expert": f_e.mean().item(), "irl/reward_agent": f_a.mean().item(),
             "irl/reward_agent_agree": f_a[agree].mean().item() if agree.any() else float("nan"),
             "irl/steps": n_items, "reflect/tokens": tokens, "reflect/seconds": time.time() - t0}
@@ -1595,7 +1599,8 @@ def _checkpoints(out: Path) -> list[Path]:
 def format_table(table: list[dict]) -> str:
     """The per-cycle convergence table: agreement with the expert and log π(â|h) on held-out expert steps."""
     cols = ["cycle", "cycle/agreement", "cycle/logp_expert", "inspect/agreement", "imp/reward_margin", "imp/reward_acc",
-            "irl/D_acc_heldout", "irl/reward_expert", "irl/reward_agent", "ppo/clipfrac", "ppo/approx_kl"]
+            "irl/D_acc_heldout", "irl/D_acc_heldout_differ", "irl/reward_expert", "irl/reward_agent", "ppo/clipfrac",
+            "ppo/approx_kl"]
     cols = [c for c in cols if any(c in r for r in table)]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
     lines = [" | ".join(c.split("/")[-1] for c in cols)]

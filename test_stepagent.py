@@ -1005,6 +1005,9 @@ def test_main_end_to_end(tiny_dir, tmp_path, method, extra):
     keys = ["imp/reward_margin", "imp/pairs"] if method == "implicit" else ["irl/D_acc_heldout", "ppo/clipfrac", "irl/D_loss"]
     for c in (1, 2):
         assert all(cycles[c].get(k) is not None for k in keys + ["inspect/agreement"]), cycles[c]
+        if method == "inverse":  # the tiny agent never says the expert's action: every held-out step differs
+            assert cycles[c]["inspect/agreement"] == 0
+            assert cycles[c]["irl/D_acc_heldout_differ"] == pytest.approx(cycles[c]["irl/D_acc_heldout"])
     assert any(ln["stage"] == "reflect" for ln in lines)
     newest = sorted(out.glob("ckpt-[0-9]*"))[-1]
     assert newest.name == f"ckpt-{lines[-1]['t']:06d}" and (out / "config.json").exists()

@@ -71,7 +71,7 @@ def behaviour(recs: list[dict]) -> dict:
 CYCLE_COLS = {"cycle": "cycle", "cycle/agreement": "agreement", "cycle/logp_expert": "log π(â\\|h)",
               "inspect/agreement": "inspect agreement", "imp/reward_margin": "reward margin",
               "imp/reward_acc": "margin > 0", "imp/reward_expert": "r(h,â)", "imp/reward_agent": "r(h,a)",
-              "irl/D_acc_heldout": "D acc. (held-out)",
+              "irl/D_acc_heldout": "D acc. (held-out)", "irl/D_acc_heldout_differ": "D acc. where a ≠ â",
               "irl/reward_expert": "f_φ expert", "irl/reward_agent": "f_φ agent", "ppo/clipfrac": "PPO clipfrac",
               "ppo/kl_ref": "KL to π_ref"}
 
