@@ -407,6 +407,9 @@ def plot(agg: dict, path: Path) -> Path | None:
                             label=LABELS[method])
         ax.set(xscale="log", title=split, xlabel="expert trajectories trained on (N)", ylabel="success (%)",
                ylim=(0, 100))
+        ticks = sorted({a["trajectories"] for a in agg.values()})  # the Ns themselves, not 4×10¹
+        ax.set_xticks(ticks, [f"{x:.0f}" for x in ticks])
+        ax.minorticks_off()
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
