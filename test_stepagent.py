@@ -2015,7 +2015,11 @@ def test_sweep_report_averages_seeds_and_flags_mixed_cells(tmp_path):
     assert [c["cell"] for c in sweep.load_cells([tmp_path])] == ["n25-sft-s0", "n25-sft-s1"]
     png = ["--plot", str(tmp_path / "p.png")]
     assert "| valid_unseen |" in sweep.report([str(tmp_path), *png])
-    assert "| valid_unseen |" not in sweep.report([str(tmp_path), "--splits", "valid_seen", *png])  # tuning games out
+    assert sweep.report([str(tmp_path), "--splits", "valid_seen", *png]) == "no finished cell has played valid_seen"
+    cells[1]["success"]["train-val"] = {"success": 0.5, "n": 24}  # tuning games out; a cell without them: no row
+    (tmp_path / cells[1]["cell"] / "cell.json").write_text(json.dumps(cells[1]))
+    text = sweep.report([str(tmp_path), "--splits", "train-val", *png])
+    assert "| train-val |" in text and "| valid_unseen |" not in text and "| 25 (25) | SFT | 1 | 50.0% (1) |" in text
     with pytest.raises(SystemExit, match="--splits valid-seen: expected valid_unseen, valid_seen, train-val"):
         sweep.report([str(tmp_path), "--splits", "valid-seen", *png])
 

@@ -430,7 +430,8 @@ def report(argv: list[str]) -> str:
             raise SystemExit(f"error: --splits {','.join(sorted(bad))}: expected {', '.join(SPLITS)}")
         cells = [{**c, "success": {s: v for s, v in c["success"].items() if s in keep},
                   "behaviour": {s: v for s, v in c["behaviour"].items() if s in keep}} for c in cells]
-    text = report_markdown(cells)
+        cells = [c for c in cells if c["success"]]  # a cell that played none of them has no row
+    text = report_markdown(cells) if cells or not args.splits else f"no finished cell has played {args.splits}"
     print(text)
     md = args.md or args.outs[0] / "sweep.md"
     stepagent.atomic_write(md, text + "\n")
