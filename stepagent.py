@@ -1066,12 +1066,14 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
                     for mb in micro_batches(cfg, encs, groups)]
             h_e, h_a = torch.cat([o["h_e"] for o in outs]), torch.cat([o["h_a"] for o in outs])
         f_e, f_a = disc(h_e), disc(h_a)  # (N,)
-        _, held_stats = discriminator_loss(f_e[held_idx], f_a[held_idx]) if len(held_idx) else (None, {})
-    agree = torch.tensor([it.agree for _, items in groups for it in items], device=f_a.device)
+
+    def held_acc(idx: torch.Tensor) -> float:  # D_φ's accuracy on these held-out steps, mean of both classes
+        stats = floats(discriminator_loss(f_e[idx], f_a[idx])[1]) if len(idx) else {}
+        return (stats["irl/D_acc_expert"] + stats["irl/D_acc_agent"]) / 2 if stats else float("nan")
+
+    agree = torch.tensor([it.agree for _, items in groups for it in items])
     # D_φ can only separate steps where a ≠ â: where they agree, f_φ(h, a) = f_φ(h, â) and accuracy is ½ by construction
-    differ = held_idx[~agree[held_idx.to(agree.device)].cpu()]
-    acc_differ = ((f_e[differ] > 0).float().mean() + (f_a[differ] < 0).float().mean()).item() / 2 if len(differ) \
-        else float("nan")
+    differ = held_idx[~agree[held_idx]]
     # 3. step rewards and advantages A = r − b(h_t)
     r = irl_reward(f_a)  # (N,)
     baseline = cfg.baseline if cfg.baseline != "auto" else ("group" if cfg.samples_per_step > 1 else "value")
@@ -1120,12 +1122,11 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
             run.log(stage="reflect", cycle=cycle, **floats(history[-1]))  # one host sync per logged step
     model.eval()
     summary = floats({k: torch.stack([h[k] for h in history]).mean() for k in history[0]}) if history else {}
-    hs = floats(held_stats)
     tokens = int(sum_over_ranks(torch.tensor(tokens, device=rt.device), rt))
-    held_acc = (hs["irl/D_acc_expert"] + hs["irl/D_acc_agent"]) / 2 if hs else float("nan")
-    return {**summary, **floats(d_stats), "irl/D_acc_heldout": held_acc, "irl/D_acc_heldout_differ": acc_differ,
+    return {**summary, **floats(d_stats), "irl/D_acc_heldout": held_acc(held_idx),
+            "irl/D_acc_heldout_differ": held_acc(differ),
             "irl/reward_expert": f_e.mean().item(), "irl/reward_agent": f_a.mean().item(),
-            "irl/reward_agent_agree": f_a[agree].mean().item() if agree.any() else float("nan"),
+            "irl/reward_agent_agree": f_a[agree.to(f_a.device)].mean().item() if agree.any() else float("nan"),
             "irl/steps": n_items, "reflect/tokens": tokens, "reflect/seconds": time.time() - t0}
 
 
