@@ -25,7 +25,8 @@ Departures from / guesses about the paper (it gives no code; each follows the na
        feature extractor); --disc-model swaps in a separate fine-tuned causal LM backbone.
     5. The IRL reward is the AIRL-style logit f_φ = log D − log(1 − D), normalised over the batch.
     6. PPO is token-level on the action tokens with one advantage per action, a k3 KL penalty to π_ref
-       (as GRPO/TRL), and a fresh optimizer per cycle; the value baseline uses detached policy features (ours).
+       (as GRPO/TRL) weighted by ρ since the tokens come from π_old (ours), and a fresh optimizer per cycle; the
+       value baseline uses detached policy features (ours).
     7. --sft-weight adds an NLL term on expert actions to the implicit loss (ours, off by default).
 """
 from __future__ import annotations
@@ -999,12 +1000,14 @@ def irl_reward(f_agent: torch.Tensor) -> torch.Tensor:
 def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor, adv: torch.Tensor,
              clip: float, kl_coef: float) -> tuple[torch.Tensor, dict]:
     """PPO (Schulman et al. 2017) on action tokens, each token carrying its action's advantage A (all (N,)):
-    L = −mean min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + c_KL·mean KL_k3(π_θ‖π_ref), ρ = exp(log π_θ − log π_old);
-    KL_k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1 (Schulman's unbiased, non-negative estimator)."""
+    L = −mean min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + c_KL·mean ρ·k3, ρ = exp(log π_θ − log π_old);
+    k3 = q − log q − 1, q = π_ref/π_θ, is Schulman's non-negative estimator of KL(π_θ‖π_ref) for tokens drawn from π_θ.
+    Ours are drawn from π_old, so k3 is weighted by ρ (importance sampling; ours): E_old[ρ·k3] = KL(π_θ‖π_ref) exactly,
+    each term stays ≥ 0 and, where π_θ ≪ π_ref, at most π_ref/π_old, where plain k3 grows as π_ref/π_θ."""
     ratio = torch.exp(logp_new - logp_old)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
     d_ref = logp_ref - logp_new
-    kl = torch.exp(d_ref) - d_ref - 1
+    kl = torch.exp(logp_ref - logp_old) - ratio * (d_ref + 1)  # = ρ·(q − log q − 1), without overflow in q
     loss = -surrogate.mean() + kl_coef * kl.mean()
     with torch.no_grad():  # scalar tensors: floats() turns them into numbers with one host sync
         stats = {"ppo/loss": loss.detach(), "ppo/clipfrac": ((ratio - 1).abs() > clip).float().mean(),

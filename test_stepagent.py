@@ -429,7 +429,7 @@ def test_discriminator_loss_and_irl_reward_by_hand():
 
 
 def test_ppo_loss_by_hand():
-    """PPO: ρ clipped above for A > 0 and below for A < 0, the pessimistic side kept, plus the k3 KL to π_ref."""
+    """PPO: ρ clipped above for A > 0 and below for A < 0, the pessimistic side kept, plus the ρ-weighted k3 KL."""
     ratios = [1.5, 0.5, 1.1, 0.9, 1.5]  # |ρ − 1| > 0.2 for tokens 0, 1, 4
     adv = torch.tensor([1.0, -1.0, -2.0, 0.5, -1.0])
     old = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5])
@@ -440,18 +440,40 @@ def test_ppo_loss_by_hand():
     # token 3: 0.45; token 4: min(−1.5, −1.2) = −1.5 (ρ > 1 + ε but A < 0: the unclipped, pessimistic value)
     surrogate = (1.2 - 0.8 - 2.2 + 0.45 - 1.5) / 5
     d = [r_ - n_ for r_, n_ in zip(ref.tolist(), new.tolist())]
-    kl = sum(math.exp(x) - x - 1 for x in d) / 5
+    kl = sum(rho * (math.exp(x) - x - 1) for rho, x in zip(ratios, d)) / 5  # ρ·k3, k3 = q − log q − 1
     assert loss.item() == pytest.approx(-surrogate + 0.1 * kl, abs=1e-6)
     assert stats["ppo/clipfrac"] == pytest.approx(0.6)
     assert stats["ppo/approx_kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in ratios) / 5, abs=1e-6)
     assert stats["ppo/kl_ref"] == pytest.approx(kl, abs=1e-6)
-    assert all(x >= 0 for x in [math.exp(x) - x - 1 for x in d])
     loss, _ = sa.ppo_loss(new, old, ref, adv, clip=0.2, kl_coef=0.0)
     loss.backward()
     g = new.grad.tolist()  # clipped tokens carry no gradient; the others −ρ·A/N
     assert g[0] == 0 and g[1] == 0
     assert g[2] == pytest.approx(-1.1 * -2.0 / 5, abs=1e-6) and g[3] == pytest.approx(-0.9 * 0.5 / 5, abs=1e-6)
     assert g[4] == pytest.approx(-1.5 * -1.0 / 5, abs=1e-6)
+
+
+def test_ppo_kl_estimates_kl_to_the_reference_from_the_behaviour_policys_tokens():
+    """E_{a~π_old}[ρ·k3] = KL(π_θ‖π_ref) exactly, summed over a whole vocabulary, whether π_old is π_ref (as in
+    reflect_inverse) or not; each term is ≥ 0 and its gradient is ρ·log(π_θ/π_ref). The plain k3 misses the KL under
+    π_old's tokens, and where π_θ ≪ π_ref it grows as π_ref/π_θ (the spikes it logged) while ρ·k3 stays ≤ π_ref/π_old."""
+    g = torch.Generator().manual_seed(0)
+    theta, other, ref = (torch.log_softmax(2 * torch.randn(9, generator=g, dtype=torch.float64), -1) for _ in range(3))
+    exact = (theta.exp() * (theta - ref)).sum().item()  # KL(π_θ‖π_ref)
+    for old in (ref, other):
+        terms = [sa.ppo_loss(theta[i:i + 1], old[i:i + 1], ref[i:i + 1], torch.zeros(1), 0.2, 1.0)[0].item()
+                 for i in range(9)]  # A = 0: the loss is c_KL·ρ·k3 of token i
+        assert sum(p * k for p, k in zip(old.exp().tolist(), terms)) == pytest.approx(exact, rel=1e-9)
+        assert min(terms) >= 0
+        k3 = [math.exp(x) - x - 1 for x in (ref - theta).tolist()]
+        assert sum(p * k for p, k in zip(old.exp().tolist(), k3)) != pytest.approx(exact, rel=1e-2)
+    new = torch.tensor([-12.0, -0.5], requires_grad=True)  # π_θ fell 10 nats below π_ref on token 0
+    old = ref2 = torch.tensor([-2.0, -0.7])
+    _, stats = sa.ppo_loss(new, old, ref2, torch.zeros(2), 0.2, 1.0)
+    assert stats["ppo/kl_ref"].item() <= 1.0 < math.exp(10) - 11
+    sa.ppo_loss(new, old, ref2, torch.zeros(2), 0.2, 1.0)[0].backward()
+    rho = (new - old).exp()
+    assert new.grad.tolist() == pytest.approx((rho * (new - ref2) / 2).tolist(), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- packed log-probs = separate passes
@@ -2022,6 +2044,17 @@ def test_sweep_report_averages_seeds_and_flags_mixed_cells(tmp_path):
     assert "| train-val |" in text and "| valid_unseen |" not in text and "| 25 (25) | SFT | 1 | 50.0% (1) |" in text
     with pytest.raises(SystemExit, match="--splits valid-seen: expected valid_unseen, valid_seen, train-val"):
         sweep.report([str(tmp_path), "--splits", "valid-seen", *png])
+
+
+def test_sweep_cells_record_the_commit_they_ran(tmp_path):
+    """cell.json's "code": this checkout's commit (with "-dirty" when tracked files differ), "unknown" outside git."""
+    import subprocess
+    sweep = sweep_module()
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    if head.returncode == 0:
+        assert sweep.code_version().split("-")[0] == head.stdout.strip()
+    assert sweep.code_version(tmp_path) == "unknown"
 
 
 def test_sweep_skips_finished_cells_and_reruns_cut_ones(tmp_path, monkeypatch):

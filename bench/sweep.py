@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -170,6 +171,17 @@ def torch_device_name(rt) -> str:
     return f"cpu ({len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores)"
 
 
+def code_version(root: Path = Path(__file__).resolve().parent.parent) -> str:
+    """The commit a cell ran, "-dirty" added when tracked files differ from it; "unknown" outside a git checkout
+    (a GPU machine gets the working tree without .git)."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short=12", "HEAD") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def run_cell(args, flags: list[str], base, n: int, method: str, seed: int, warm: tuple[Path, dict],
              heldout: Path | None, train_val: list[str]) -> dict:
     """One cell: from the warm start, C more SFT epochs (sft) or C cycles (implicit, inverse), or nothing (warm: the
@@ -197,7 +209,7 @@ def run_cell(args, flags: list[str], base, n: int, method: str, seed: int, warm:
         "cycles": res["table"], "config": dataclasses.asdict(cfg),
         "sweep": {"epochs": base.epochs, "cycles": c, "train_val": len(train_val), "eval_games": args.eval_games,
                   "fair_budget": f"warm start {base.epochs} SFT epoch(s), then SFT +{c} epoch(s) or {c} cycle(s)"},
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(),
     }
     stepagent.atomic_write(run / "cell.json", json.dumps(clean(summary), indent=2))
     if not args.keep_checkpoints:
