@@ -2042,6 +2042,10 @@ def test_sweep_report_averages_seeds_and_flags_mixed_cells(tmp_path):
     (tmp_path / cells[1]["cell"] / "cell.json").write_text(json.dumps(cells[1]))
     text = sweep.report([str(tmp_path), "--splits", "train-val", *png])
     assert "| train-val |" in text and "| valid_unseen |" not in text and "| 25 (25) | SFT | 1 | 50.0% (1) |" in text
+    tuning = {**cells[1], "success": {"train-val": cells[1]["success"]["train-val"]},
+              "behaviour": {"train-val": cells[1]["behaviour"]["valid_unseen"]}}
+    assert "What the agents did" in sweep.report_markdown([cells[1]])
+    assert "What the agents did" not in sweep.report_markdown([tuning])
     with pytest.raises(SystemExit, match="--splits valid-seen: expected valid_unseen, valid_seen, train-val"):
         sweep.report([str(tmp_path), "--splits", "valid-seen", *png])
 

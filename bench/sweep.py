@@ -364,13 +364,16 @@ def report_markdown(cells: list[dict]) -> str:
     if diff := differing_settings(cells):
         lines.append(f"**Warning: the cells differ in {', '.join(diff)}; they are not one sweep.**")
     lines += ["", "Per-cycle diagnostics (held-out expert steps; mean over seeds; 'init' = the warm start):", "",
-              diagnostics_table(agg), "", "What the agents did (all seeds, valid splits):", "",
-              "| N | method | turns | actions (top 5 verbs) | \"Nothing happens.\" | same action as the turn before "
-              "| episodes that picked anything up | ... an object the task names |", "|" + "---|" * 8]
+              diagnostics_table(agg)]
+    rows = []
     for (n, method), a in agg.items():
         b = merge_behaviour([c["behaviour"][s] for c in a["cells"] for s in c["behaviour"] if s != "train-val"])
         if b["turns"]:
-            lines.append(f"| {n or 'all'} " + replication.behaviour_row(LABELS[method], b))
+            rows.append(f"| {n or 'all'} " + replication.behaviour_row(LABELS[method], b))
+    if rows:  # tuning cells play only train-val: no valid-split behaviour to show
+        lines += ["", "What the agents did (all seeds, valid splits):", "",
+                  "| N | method | turns | actions (top 5 verbs) | \"Nothing happens.\" | same action as the turn before "
+                  "| episodes that picked anything up | ... an object the task names |", "|" + "---|" * 8, *rows]
     return "\n".join(lines)
 
 
