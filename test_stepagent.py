@@ -2072,6 +2072,7 @@ def test_sweep_skips_finished_cells_and_reruns_cut_ones(tmp_path, monkeypatch):
 
     def cell(args, flags, base, n, method, seed, warm, heldout, train_val):
         calls.append((method, n, seed))
+        assert args.code == sweep.code_version()  # read when the sweep started; run_cell writes it to cell.json
         (args.out / sweep.cell_name(n, method, seed)).mkdir(parents=True, exist_ok=True)
         cell_json = args.out / sweep.cell_name(n, method, seed) / "cell.json"
         cell_json.write_text(json.dumps(fake_cell(n, method, seed, 0)))

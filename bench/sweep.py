@@ -209,7 +209,7 @@ def run_cell(args, flags: list[str], base, n: int, method: str, seed: int, warm:
         "cycles": res["table"], "config": dataclasses.asdict(cfg),
         "sweep": {"epochs": base.epochs, "cycles": c, "train_val": len(train_val), "eval_games": args.eval_games,
                   "fair_budget": f"warm start {base.epochs} SFT epoch(s), then SFT +{c} epoch(s) or {c} cycle(s)"},
-        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "code": code_version(),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "code": args.code,
     }
     stepagent.atomic_write(run / "cell.json", json.dumps(clean(summary), indent=2))
     if not args.keep_checkpoints:
@@ -251,6 +251,7 @@ def run_sweep(argv: list[str]) -> list[dict]:
                    "convergence steps are then --val-fraction of the N, as in a plain stepagent run)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's final checkpoint (~0.5 GB each)")
     args, flags = p.parse_known_args(argv)
+    args.code = code_version()  # now, with this process's stepagent loaded: a commit made while it runs is not its code
     ns = parse_list(args.n.replace("all", "0"), "n", int)
     args.methods, seeds = parse_list(args.methods, "methods"), parse_list(args.seeds, "seeds", int)
     args.splits = parse_list(args.splits, "splits")
