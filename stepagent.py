@@ -1003,7 +1003,7 @@ def ppo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Ten
     L = −mean min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) + c_KL·mean ρ·k3, ρ = exp(log π_θ − log π_old);
     k3 = q − log q − 1, q = π_ref/π_θ, is Schulman's non-negative estimator of KL(π_θ‖π_ref) for tokens drawn from π_θ.
     Ours are drawn from π_old, so k3 is weighted by ρ (importance sampling; ours): E_old[ρ·k3] = KL(π_θ‖π_ref) exactly,
-    each term stays ≥ 0 and, where π_θ ≪ π_ref, at most π_ref/π_old, where plain k3 grows as π_ref/π_θ."""
+    each term stays ≥ 0 and, wherever π_θ ≤ π_ref, at most π_ref/π_old, where plain k3 grows as π_ref/π_θ."""
     ratio = torch.exp(logp_new - logp_old)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
     d_ref = logp_ref - logp_new

@@ -456,7 +456,7 @@ def test_ppo_loss_by_hand():
 def test_ppo_kl_estimates_kl_to_the_reference_from_the_behaviour_policys_tokens():
     """E_{a~π_old}[ρ·k3] = KL(π_θ‖π_ref) exactly, summed over a whole vocabulary, whether π_old is π_ref (as in
     reflect_inverse) or not; each term is ≥ 0 and its gradient is ρ·log(π_θ/π_ref). The plain k3 misses the KL under
-    π_old's tokens, and where π_θ ≪ π_ref it grows as π_ref/π_θ (the spikes it logged) while ρ·k3 stays ≤ π_ref/π_old."""
+    π_old's tokens, and where π_θ ≪ π_ref it grows as π_ref/π_θ (the spikes it logged); ρ·k3 stays ≤ π_ref/π_old."""
     g = torch.Generator().manual_seed(0)
     theta, other, ref = (torch.log_softmax(2 * torch.randn(9, generator=g, dtype=torch.float64), -1) for _ in range(3))
     exact = (theta.exp() * (theta - ref)).sum().item()  # KL(π_θ‖π_ref)
