@@ -372,8 +372,8 @@ def report_markdown(cells: list[dict]) -> str:
         if b["turns"]:
             rows.append(f"| {n or 'all'} " + replication.behaviour_row(LABELS[method], b))
     if rows:  # tuning cells play only train-val: no valid-split behaviour to show
-        header = ("| N | method | turns | actions (top 5 verbs) | \"Nothing happens.\" "
-                  "| same action as the turn before | episodes that picked anything up | ... an object the task names |")
+        header = ("| N | method | turns | actions (top 5 verbs) | \"Nothing happens.\" | same action as the turn "
+                  "before | episodes that picked anything up | ... an object the task names |")
         lines += ["", "What the agents did (all seeds, valid splits):", "", header, "|" + "---|" * 8, *rows]
     return "\n".join(lines)
 
