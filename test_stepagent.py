@@ -445,6 +445,7 @@ def test_ppo_loss_by_hand():
     assert stats["ppo/clipfrac"] == pytest.approx(0.6)
     assert stats["ppo/approx_kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in ratios) / 5, abs=1e-6)
     assert stats["ppo/kl_ref"] == pytest.approx(kl, abs=1e-6)
+    assert all(rho * (math.exp(x) - x - 1) >= 0 for rho, x in zip(ratios, d))
     loss, _ = sa.ppo_loss(new, old, ref, adv, clip=0.2, kl_coef=0.0)
     loss.backward()
     g = new.grad.tolist()  # clipped tokens carry no gradient; the others −ρ·A/N
@@ -469,9 +470,9 @@ def test_ppo_kl_estimates_kl_to_the_reference_from_the_behaviour_policys_tokens(
         assert sum(p * k for p, k in zip(old.exp().tolist(), k3)) != pytest.approx(exact, rel=1e-2)
     new = torch.tensor([-12.0, -0.5], requires_grad=True)  # π_θ fell 10 nats below π_ref on token 0
     old = ref2 = torch.tensor([-2.0, -0.7])
-    _, stats = sa.ppo_loss(new, old, ref2, torch.zeros(2), 0.2, 1.0)
+    loss, stats = sa.ppo_loss(new, old, ref2, torch.zeros(2), 0.2, 1.0)
     assert stats["ppo/kl_ref"].item() <= 1.0 < math.exp(10) - 11
-    sa.ppo_loss(new, old, ref2, torch.zeros(2), 0.2, 1.0)[0].backward()
+    loss.backward()
     rho = (new - old).exp()
     assert new.grad.tolist() == pytest.approx((rho * (new - ref2) / 2).tolist(), abs=1e-6)
 
