@@ -104,6 +104,7 @@ class Config:
     packing: str = "tree"  # tree: one forward per trajectory + agent branches (4-D mask) | pairs: prompt+action rows
     tokens_per_batch: int = 0  # >0: micro-batches are rows of whole trees up to N tokens, not padded batch-size rows
     reflect_lr: float = 1e-6
+    reflect_warmup: int = 0  # reflection steps of linear lr warm-up each cycle, then constant (DPO's schedule; 0: none)
     reflect_epochs: int = 1  # passes over the cycle's pairs (implicit) / PPO batches (inverse)
     reflect_batch: int = 4  # trajectories per reflection optimizer step
     # --- implicit-reward reflection
@@ -408,6 +409,14 @@ def derived_seed(*parts) -> int:
 def adamw(params: list, rt: Runtime, **kw) -> torch.optim.AdamW:
     """AdamW; on CUDA its fused kernel (one launch for all parameters instead of a loop over them)."""
     return torch.optim.AdamW(params, fused=rt.device.type == "cuda", **kw)
+
+
+def reflect_optimizer(cfg: Config, rt: Runtime, params: list) -> tuple:
+    """Each cycle's reflection optimizer: a fresh AdamW at reflect_lr; --reflect-warmup N scales its lr by
+    min(1, (k+1)/(N+1)) at step k, as the DPO authors' reference trainer does (ours for PPO too)."""
+    opt = adamw(params, rt, lr=cfg.reflect_lr, weight_decay=0.0)
+    n = cfg.reflect_warmup
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / (n + 1))) if n > 0 else None
 
 
 def floats(stats: dict) -> dict:
@@ -932,7 +941,7 @@ def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected
             tokens += out["tokens"]
     ref_lp = dict(all_gather(ref_lp, rt))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, rt, lr=cfg.reflect_lr, weight_decay=0.0)
+    opt, sched = reflect_optimizer(cfg, rt, params)
     ddp = wrap_ddp(model, rt)
     model.train()
     history = []
@@ -953,7 +962,8 @@ def reflect_implicit(cfg: Config, rt: Runtime, model, ref, encs: list, inspected
                         loss = loss - cfg.sft_weight * lp["logp_e"].mean()
                     # every pair of the step weighs the same; × world: DDP and FSDP average the ranks' gradients
                     weight = rt.world * sum(len(items) for _, items in mb) / n_pairs
-                    optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
+                    optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, sched,
+                                   accumulate=m < len(micro) - 1)
                 tokens += lp["tokens"]
                 seen.append((lp["logp_e"].detach(), lp["logp_a"].detach(), ref_e, ref_a))
             seen = [torch.cat(x) for x in zip(*seen)]
@@ -1094,7 +1104,7 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
     adv = (r - b).detach()  # (N,)
     # 4. PPO epochs with fresh log-probs from the packed forward
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = adamw(params, rt, lr=cfg.reflect_lr, weight_decay=0.0)
+    opt, sched = reflect_optimizer(cfg, rt, params)
     ddp = wrap_ddp(model, rt)
     model.train()
     starts = np.cumsum([0] + [len(items) for _, items in groups])
@@ -1117,7 +1127,8 @@ def reflect_inverse(cfg: Config, rt: Runtime, model, ref, heads: dict, encs: lis
                     adv_tok = adv[items][lp["tok_owner_a"]]  # (N_tok,) each token carries its action's advantage
                     loss, _ = ppo_loss(lp["tok_logp_a"], old, old, adv_tok, cfg.clip, cfg.kl_coef)
                     weight = rt.world * len(old) / n_tok  # × world: DDP and FSDP average the ranks' gradients
-                    optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, accumulate=m < len(micro) - 1)
+                    optimizer_step(loss * weight, opt, rt, params, cfg.max_grad_norm, sched,
+                                   accumulate=m < len(micro) - 1)
                 tokens += lp["tokens"]
                 seen.append((lp["tok_logp_a"].detach(), old, adv_tok))
             new, old, adv_tok = (torch.cat(x) for x in zip(*seen))  # the stats of all the step's tokens

@@ -693,12 +693,27 @@ def test_implicit_reflection_raises_the_expert_margin():
 
     m0, e0 = margins()
     assert m0.abs().max() < 1e-5  # π_θ = π_ref: zero margin
+    sa.reflect_implicit(small_cfg(reflect_lr=1e-3, reflect_warmup=10**9), CPU, model, ref, encs, inspected, 1,
+                        NullRun())  # the warm-up's first steps: lr 1e-3 / (10⁹ + 1), so nothing moves
+    assert margins()[0].abs().max() < 1e-5
     stats = sa.reflect_implicit(small_cfg(reflect_lr=1e-3, reflect_epochs=2), CPU, model, ref, encs, inspected, 1,
                                 NullRun())
     m1, e1 = margins()
     assert stats["imp/pairs"] == len(inspected)
     assert m1.mean() > 1.0 and (m1 > 0).all()
     assert e1.mean() > e0.mean()
+
+
+def test_reflect_warmup_ramps_the_lr_linearly_then_holds_it():
+    """--reflect-warmup N: reflection step k runs at reflect_lr·min(1, (k+1)/(N+1)), DPO's schedule; 0: constant."""
+    for n, want in ((3, [0.25, 0.5, 0.75, 1, 1, 1]), (0, [1] * 6)):
+        w = torch.nn.Parameter(torch.zeros(2))
+        opt, sched = sa.reflect_optimizer(small_cfg(reflect_lr=1e-3, reflect_warmup=n), CPU, [w])
+        lrs = []
+        for _ in range(6):
+            lrs.append(opt.param_groups[0]["lr"])
+            sa.optimizer_step(w.sum(), opt, CPU, [w], 1.0, sched)
+        assert lrs == pytest.approx([1e-3 * x for x in want], rel=1e-12)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -2026,6 +2041,11 @@ def test_sweep_report_averages_seeds_and_flags_mixed_cells(tmp_path):
     cells[3]["config"]["beta"] = 0.5  # an SFT cell does not read β; each StepAgent variant is tuned on its own
     assert "Warning" not in sweep.report_markdown(cells + [{**fake_cell(25, "inverse", 0, 0.2), "config": {
         **fake_cell(25, "inverse", 0, 0.2)["config"], "beta": 0.3}}])
+    pair = [fake_cell(25, "implicit", 1, 0.2), fake_cell(25, "implicit", 2, 0.3)]
+    pair[0]["config"]["reflect_warmup"] = 0  # a setting newer than the other cell's code, at its default: the same
+    assert "Warning" not in sweep.report_markdown(pair)
+    pair[0]["config"]["reflect_warmup"] = 20
+    assert "the cells differ in reflect_warmup (StepAgent-Implicit)" in sweep.report_markdown(pair)
     cells[2]["train_ids_sha256"], cells[3]["config"]["max_steps"] = "cd", 40
     cells.append({**fake_cell(50, "implicit", 1, 0.3), "config": {**cells[2]["config"], "beta": 0.5}})
     assert "the cells differ in max_steps, beta (StepAgent-Implicit), the trajectories of N=25 seed 0" in \

@@ -59,7 +59,7 @@ OWNED = ("out", "seed", "trajectory_seed", "max_trajectories", "method", "resume
 SPEED_ONLY = ("data", "env_data", "model", "eval_batch", "gen_batch_size", "tokens_per_batch", "compile", "attn",
               "dtype", "eval_cache", "save_every")  # settings that may differ between merged cells (machines, speed)
 CYCLE_ONLY = ("inspect_trajectories", "steps_per_trajectory", "samples_per_step", "temperature", "reflect_lr",
-              "reflect_epochs", "reflect_batch", "beta", "sft_weight", "disc_model", "disc_steps", "disc_lr",
+              "reflect_warmup", "reflect_epochs", "reflect_batch", "beta", "sft_weight", "disc_model", "disc_steps", "disc_lr",
               "disc_batch", "disc_hidden", "baseline", "clip", "kl_coef", "ppo_epochs")  # read by cycles only
 
 
@@ -334,11 +334,12 @@ def differing_settings(cells: list[dict]) -> list[str]:
     settings are compared within a method only: each StepAgent variant is tuned on its own, SFT cells ignore them."""
     per_cell = set(OWNED) | set(SPEED_ONLY) | set(CYCLE_ONLY) | {"trajectory_seed", "epochs", "cycles", "method"}
     keys = {k for c in cells for k in c["config"]} - per_cell
-    diff = [k for k in sorted(keys) if len({json.dumps(c["config"].get(k)) for c in cells}) > 1]
+    default = dataclasses.asdict(stepagent.Config())  # a setting newer than a cell ran as its default then
+    value = lambda c, k: json.dumps(c["config"].get(k, default.get(k)))  # noqa: E731
+    diff = [k for k in sorted(keys) if len({value(c, k) for c in cells}) > 1]
     for method in ("implicit", "inverse"):
         same = [c for c in cells if c["method"] == method]
-        diff += [f"{k} ({LABELS[method]})" for k in CYCLE_ONLY
-                 if len({json.dumps(c["config"].get(k)) for c in same}) > 1]
+        diff += [f"{k} ({LABELS[method]})" for k in CYCLE_ONLY if len({value(c, k) for c in same}) > 1]
     diff += [f"sweep.{k}" for k in ("epochs", "cycles", "train_val") if len({c["sweep"].get(k) for c in cells}) > 1]
     draws: dict[tuple, set] = {}  # every method of an (N, seed) must have trained on the same trajectories
     for c in cells:
