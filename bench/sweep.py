@@ -59,8 +59,8 @@ OWNED = ("out", "seed", "trajectory_seed", "max_trajectories", "method", "resume
 SPEED_ONLY = ("data", "env_data", "model", "eval_batch", "gen_batch_size", "tokens_per_batch", "compile", "attn",
               "dtype", "eval_cache", "save_every")  # settings that may differ between merged cells (machines, speed)
 CYCLE_ONLY = ("inspect_trajectories", "steps_per_trajectory", "samples_per_step", "temperature", "reflect_lr",
-              "reflect_warmup", "reflect_epochs", "reflect_batch", "beta", "sft_weight", "disc_model", "disc_steps", "disc_lr",
-              "disc_batch", "disc_hidden", "baseline", "clip", "kl_coef", "ppo_epochs")  # read by cycles only
+              "reflect_warmup", "reflect_epochs", "reflect_batch", "beta", "sft_weight", "disc_model", "disc_steps",
+              "disc_lr", "disc_batch", "disc_hidden", "baseline", "clip", "kl_coef", "ppo_epochs")  # read by cycles
 
 
 # ----------------------------------------------------------------------------- run
