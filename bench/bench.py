@@ -426,6 +426,8 @@ def gpu_rows(sizes: Sizes, data_dir: str, peak_tflops: float, device: str = "cud
                         "peak_mb": peak_mb(rt),
                         "rows": sum(p["input_ids"].shape[0] for p in (sft_packs if kind == "sft" else packs)),
                         "tokens": tokens[kind], "attn": attn}
+                    print(f"row 4 {name} {path}/{kind}/{prec}: " + json.dumps(out[name][f"{path}/{kind}/{prec}"]),
+                          flush=True)  # a run cut off by a time limit keeps what it measured in its log
         del model, ref, opt
         if cuda:
             torch.cuda.empty_cache()

@@ -7,28 +7,29 @@
 #   call 4: . /root/w/env.sh && bash bench/gpu_check.sh fsdp $OUT                   (after call 2: the tokenizer)
 #   call 5: . /root/w/env.sh && bash bench/gpu_check.sh auto $OUT          (issue 15's GPU branch; repeat to resume)
 #   call 6: . /root/w/env.sh && SWEEP_N=100 SWEEP_SEEDS=0,1 bash bench/gpu_check.sh sweep $OUT   (issue 16; repeat)
+#   or, one call for issues 16 and 10 after call 1: bash .gpu2/join.sh && . /root/w/env.sh && SWEEP_N=all \
+#     SWEEP_SEEDS=0 SWEEP_METHODS=warm SWEEP_TIMEOUT=400 bash bench/gpu_check.sh sweep $OUT && \
+#     timeout 90 bash bench/gpu_check.sh inspect $OUT                                                (carry .gpu2)
 # eval:  SFT of the embedded 135M on all expert data (the 94.8% recipe), then inspection of every expert prefix of
 #        400 trajectories (timed), then the 134 valid_unseen games at 40 turns (timed; the target is <= 60 s).
 # train: bench row 4 (MFU, tokens/s, peak memory; old vs new path; bf16 and fp16 + GradScaler), then the same SFT on
 #        the new path (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s for 2 epochs).
 # fsdp:  issue 14: a random-init 1.2B Llama trains (SFT, then one implicit cycle) at world size 1 with --dist ddp,
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
+# inspect: the eval mode's inspection timing, with the checkpoint of the sweep's N = all warm start (or CKPT=dir).
 # sweep: issue 16: cells (SWEEP_N x SWEEP_METHODS x SWEEP_SEEDS) of the replication sweep with the README's
-#        GPU settings (SWEEP_FLAGS replaces them), stopped at 9 min; every finished cell (cell.json, config, metrics,
-#        eval JSONL) and the report come back. Cells in /root/w/sweep resume on the next call while the machine is
-#        held, and a cell asked for a new split (SWEEP_SPLITS) plays it with its kept checkpoint.
+#        GPU settings (SWEEP_FLAGS replaces them), stopped at 9 min (SWEEP_TIMEOUT s); every finished cell
+#        (cell.json, config, metrics, eval JSONL), each warm start's metrics and the report come back. Cells in
+#        /root/w/sweep resume on the next call while the machine is held, and a cell asked for a new split
+#        (SWEEP_SPLITS) plays it with its kept checkpoint.
 set -uo pipefail
-mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep OUT}; out=${2:?usage: bench/gpu_check.sh MODE OUT}
+mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep|inspect OUT}
+out=${2:?usage: bench/gpu_check.sh MODE OUT}
 mkdir -p "$out"
 quiet() { tr '\r' '\n' | grep -v 'it/s\]'; }
 sft=(--preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 0)
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/device.txt"
-if [ "$mode" = eval ]; then
-  run=/root/w/runs/sft
-  /usr/bin/time -v python stepagent.py "${sft[@]}" --out $run --eval-games -1 --eval-splits valid_unseen \
-    --max-steps 40 2>&1 | quiet > "$out/sft-eval.log"
-  cp $run/metrics.jsonl $run/eval/final/valid_unseen.jsonl $run/eval/final/summary.json "$out/"
-  python - "$(ls -d $run/ckpt-* | tail -1)" > "$out/inspect.json" 2>> "$out/inspect.log" <<'PY'
+inspect_400() {  # inspection of every expert prefix of 400 trajectories with checkpoint $1, timed (target <= 30 s)
+  python - "$1" > "$out/inspect.json" 2>> "$out/inspect.log" <<'PY'
 import json, sys, time
 import data, stepagent as sa
 cfg = sa.Config(temperature=1.0)
@@ -40,6 +41,14 @@ items = sa.inspect(cfg, rt, model, tok, encs, cycle=1)
 print(json.dumps({"trajectories": len(encs), "prefixes": len(items), "seconds": time.time() - t0,
                   "gen_batch": sa.gen_batch(cfg, rt), "agreement": sum(i.agree for i in items) / len(items)}))
 PY
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/device.txt"
+if [ "$mode" = eval ]; then
+  run=/root/w/runs/sft
+  /usr/bin/time -v python stepagent.py "${sft[@]}" --out $run --eval-games -1 --eval-splits valid_unseen \
+    --max-steps 40 2>&1 | quiet > "$out/sft-eval.log"
+  cp $run/metrics.jsonl $run/eval/final/valid_unseen.jsonl $run/eval/final/summary.json "$out/"
+  inspect_400 "$(ls -d $run/ckpt-* | tail -1)"
 elif [ "$mode" = train ]; then
   python bench/bench.py --rows 4 --out "$out/results-gpu-row4.json" 2>&1 | quiet > "$out/row4.log"
   /usr/bin/time -v python stepagent.py "${sft[@]}" --tokens-per-batch 16384 --attn flex_attention \
@@ -49,6 +58,8 @@ elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /r
   python bench/fsdp_memory.py --out /root/w/fsdp 2>&1 | quiet > "$out/fsdp.log"
   cp /root/w/fsdp/fsdp.json /root/w/fsdp/*.log "$out/"
   for m in ddp fsdp fsdp+ckpt; do cp /root/w/fsdp/run-$m/metrics.jsonl "$out/metrics-$m.jsonl"; done
+elif [ "$mode" = inspect ]; then  # after sweep N=all: inspection with its warm start (or CKPT=dir)
+  inspect_400 "${CKPT:-$(ls -d /root/w/sweep/nall-s0-warmstart/ckpt-* | tail -1)}"
 elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (--preset auto = gpu), end to end
   run=/root/w/runs/auto; again=$([ -e $run/metrics.jsonl ] && echo --resume)  # past one call: run the mode again
   timeout 570 /usr/bin/time -v python stepagent.py --env alfworld --out $run $again 2>&1 | quiet > "$out/auto.log"
@@ -60,16 +71,20 @@ elif [ "$mode" = sweep ]; then
   flags=${SWEEP_FLAGS:---preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 2 --heldout-steps 64 \
     --max-steps 40 --reflect-lr 1e-5 --reflect-epochs 2 --samples-per-step 2 --steps-per-trajectory 2 --sft-weight 1}
   # shellcheck disable=SC2086  (the flags are words)
-  timeout 540 python bench/sweep.py run --out $sw --n "${SWEEP_N:-100}" --seeds "${SWEEP_SEEDS:-0,1}" \
-    --methods "${SWEEP_METHODS:-warm,sft,implicit,inverse}" --splits "${SWEEP_SPLITS:-valid_unseen}" \
-    --keep-checkpoints $flags 2>&1 | quiet > "$out/sweep.log"
+  timeout "${SWEEP_TIMEOUT:-540}" python bench/sweep.py run --out $sw --n "${SWEEP_N:-100}" \
+    --seeds "${SWEEP_SEEDS:-0,1}" --methods "${SWEEP_METHODS:-warm,sft,implicit,inverse}" \
+    --splits "${SWEEP_SPLITS:-valid_unseen}" --keep-checkpoints $flags 2>&1 | quiet > "$out/sweep.log"
   for cell in "$sw"/*/; do
     [ -e "$cell/cell.json" ] || continue
     dest="$out/sweep/$(basename "$cell")"; mkdir -p "$dest"
     cp "$cell"/cell.json "$cell"/config.json "$cell"/metrics.jsonl "$dest/"; cp -r "$cell/eval" "$dest/"
   done
+  for ws in "$sw"/*-warmstart/; do  # the SFT each (N, seed) starts from: its steps, tokens and seconds
+    [ -e "$ws/warmstart.json" ] || continue
+    dest="$out/sweep/$(basename "$ws")"; mkdir -p "$dest"; cp "$ws"/warmstart.json "$ws"/metrics.jsonl "$dest/"
+  done
   python bench/sweep.py report "$sw" --md "$out/sweep.md" --plot "$out/sweep.png" > "$out/report.log" 2>&1
 else
-  echo "error: mode $mode: expected eval, train, fsdp, auto or sweep"; exit 2
+  echo "error: mode $mode: expected eval, train, fsdp, auto, sweep or inspect"; exit 2
 fi
 tail -n 3 "$out"/*.log
