@@ -190,8 +190,8 @@ PRESETS: dict[str, dict] = {
 }
 EXPECTED = {  # printed at start: what the auto preset's branches cost where they were measured
     "cpu": "about 18 min on 2 cores with AMX (bench/RESULTS.md, CPU preset); without AMX, fp32 is several times slower",
-    "gpu": "about 9 min on one H100/H200 at issue 10/11's target speeds: SFT 2.6 min (H200, measured) + cycles + "
-           "4 evaluations of ~137 games (8 min each at the last measured speed, f9b7db4; target 1 min)",
+    "gpu": "about 20 min on one H200 (bench/RESULTS.md, e1c1573): SFT 3.6 min + 2 cycles (inspection of 400 "
+           "trajectories ~4 min each) + 4 evaluations of ~137 games (~2.2 min each)",
 }
 
 

@@ -1999,6 +1999,23 @@ def test_replication_report_counts_what_the_agents_did():
     assert replication.cycle_table(metrics).splitlines()[2:] == ["| before SFT | 0.000 |  |", "| 1 | 0.500 | 0.250 |"]
 
 
+def test_replay_reproduces_a_won_transcript_and_catches_a_changed_one():
+    """bench/replay.py plays a logged episode's actions in the real engine: the GPU cell's shortest won episode
+    reproduces every observation and the win; a changed observation or a dropped last action is caught."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+    import replay
+
+    path = Path(__file__).resolve().parent / "bench/sweep-gpu-h200/nall-warm-s0/eval/final/valid_unseen.jsonl"
+    rec = min((json.loads(ln) for ln in path.read_text().splitlines()), key=lambda r: (not r["won"], r["steps"]))
+    assert rec["won"] and replay.replay(("alfworld", rec)) == {"game": rec["game"], "won": True, "logged_won": True,
+                                                               "differs_at": None}
+    changed = json.loads(json.dumps(rec))
+    changed["transcript"][0]["observation"] += " (edited)"
+    assert replay.replay(("alfworld", changed))["differs_at"] == 0
+    cut = {**rec, "transcript": rec["transcript"][:-1]}
+    assert replay.replay(("alfworld", cut))["won"] is False
+
+
 # ----------------------------------------------------------------------------- bench/sweep.py: success vs N
 
 

@@ -66,6 +66,8 @@ elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (-
   cp $run/metrics.jsonl "$out/auto-metrics.jsonl"; cp -r $run/eval "$out/auto-eval"
 elif [ "$mode" = sweep ]; then
   sw=/root/w/sweep
+  # --train-val (default 120 held-out train games) needs ALFWorld's train games: carried as .gputrain/ (README)
+  [ -e .gputrain/train_games.tar.xz ] && cp -n .gputrain/train_games.tar.xz "${ALFWORLD_DATA:?. /root/w/env.sh first}/"
   # the cycle settings chosen on held-out train games on CPU (README, "How the cycle settings were chosen");
   # SWEEP_SPLITS=train-val plays those games to check them at GPU scale before the valid splits
   flags=${SWEEP_FLAGS:---preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 2 --heldout-steps 64 \
