@@ -100,7 +100,7 @@ class Config:
     samples_per_step: int = 1  # K agent actions sampled per expert prefix
     temperature: float = 1.0  # sampling temperature of inspection (0 = greedy)
     max_new_tokens: int = 48  # per generated action
-    gen_batch_size: int = 0  # prefixes per generate call (0 = CUDA 64, CPU 8: batched decoding is nearly free on a GPU)
+    gen_batch_size: int = 0  # prefixes decoded together (0 = CPU 8, CUDA 64; CUDA inspection: see inspect_group)
     packing: str = "tree"  # tree: one forward per trajectory + agent branches (4-D mask) | pairs: prompt+action rows
     tokens_per_batch: int = 0  # >0: micro-batches are rows of whole trees up to N tokens, not padded batch-size rows
     reflect_lr: float = 1e-6
@@ -801,6 +801,25 @@ def gen_batch(cfg: Config, rt: Runtime) -> int:
     return cfg.gen_batch_size or (64 if rt.device.type == "cuda" else 8)
 
 
+def inspect_group(cfg: Config, rt: Runtime, model) -> int:
+    """Prefixes inspect_cached decodes together: --gen-batch-size, or (0) on CUDA as many rows as a quarter of the GPU
+    holds KV caches for. A group's steps run one after another, and on an H200 the 135M's decode steps are bound by
+    kernel launches, not rows (64 trajectories' prefixes in 33.9 s; bench/RESULTS.md): fewer, larger groups."""
+    if cfg.gen_batch_size or rt.device.type != "cuda":
+        return gen_batch(cfg, rt)
+    return kv_rows(model.config, cfg.max_length, torch.cuda.get_device_properties(rt.device).total_memory // 4)
+
+
+def kv_rows(config, tokens: int, budget: int) -> int:
+    """Rows whose 16-bit K/V caches of `tokens` tokens fit `budget` bytes twice (each episode's own cache and the
+    turn's batch copy, PrefixCachedPolicy), from 64 (the generate() default) to 1,024."""
+    c = getattr(config, "text_config", config)
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * 2  # K and V, 2 bytes each
+    return max(64, min(1024, budget // (2 * per_token * tokens)))
+
+
 def end_tokens(model, tok) -> list[int]:
     """The ids that end a reply: the tokenizer's EOS and every one the model's generation config names."""
     ids = model.generation_config.eos_token_id
@@ -843,13 +862,17 @@ def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> lis
 def inspect_cached(cfg: Config, rt: Runtime, model, tok, slots: list[tuple[int, int]], prompts: list[list[int]],
                    seed: int, desc: str) -> list[str]:
     """The replies of inspect() through evaluation's KV-cached policy: a trajectory's K samples keep their caches
-    from step to step, so h_{t+1} prefills only â_t and o_t. Trajectories go gen_batch // K at a time."""
+    from step to step, so h_{t+1} prefills only â_t and o_t. Trajectories go inspect_group // K at a time."""
     policy = PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens, cfg.temperature, seed, stop_at_action=False)
     where: dict[tuple[int, int], list[int]] = {}  # (row, t) -> indices of its K slots
     for i, slot in enumerate(slots):
         where.setdefault(slot, []).append(i)
-    rows, replies = sorted({row for row, _ in slots}), [""] * len(slots)
-    for group in tqdm(batched(rows, max(1, gen_batch(cfg, rt) // cfg.samples_per_step)), desc=desc,
+    last: dict[int, int] = {}  # row -> its last inspected step
+    for row, t in where:
+        last[row] = max(last.get(row, -1), t)
+    # a group runs one step after another up to its longest member's last: long trajectories go together, first
+    rows, replies = sorted(last, key=lambda r: (-last[r], r)), [""] * len(slots)
+    for group in tqdm(batched(rows, max(1, inspect_group(cfg, rt, model) // cfg.samples_per_step)), desc=desc,
                       disable=not rt.is_main or len(rows) <= 1, dynamic_ncols=True, leave=False):
         for t in sorted({t for row, t in where if row in group}):  # step by step, all the group's trajectories
             idx = [i for row in group for i in where.get((row, t), [])]

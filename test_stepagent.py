@@ -775,6 +775,22 @@ def test_cached_inspection_equals_generate_and_prefills_each_step_once(monkeypat
     assert len({i.agent for i in plain}) > 1 and [i.agent for i in cold] == [i.agent for i in plain]
 
 
+def test_inspection_groups_by_kv_memory_on_cuda_only():
+    """inspect_group: --gen-batch-size when given, 8 on a CPU; on CUDA the rows whose 16-bit K/V caches of --max-length
+    tokens fit a quarter of the GPU twice, from 64 to 1,024 (hand count for SmolLM2-135M's shape on an H200)."""
+    from transformers import LlamaConfig
+
+    smol = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
+    per_token = 2 * 30 * 3 * 64 * 2  # K and V, layers, KV heads, head dim 576 / 9, bytes
+    h200 = 143_771 * 2**20 // 4
+    assert sa.kv_rows(smol, 2048, h200) == h200 // (2 * per_token * 2048) == 399
+    assert sa.kv_rows(smol, 2048, 10**9) == 64 and sa.kv_rows(smol, 16, h200) == 1024  # the clamps
+    eight_b = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    assert sa.kv_rows(eight_b, 4096, 80 * 2**30 // 4) == 64  # 18 would fit: a 7-8B keeps the generate() default
+    cfg = small_cfg(gen_batch_size=0)
+    assert sa.inspect_group(cfg, CPU, None) == 8 and sa.inspect_group(replace(cfg, gen_batch_size=5), CPU, None) == 5
+
+
 def test_batched_generation_equals_one_prompt_at_a_time():
     """generate() pads on the left whatever the tokenizer's default: a batch gives each prompt's lone greedy reply."""
     tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)

@@ -7,16 +7,18 @@
 #   call 4: . /root/w/env.sh && bash bench/gpu_check.sh fsdp $OUT                   (after call 2: the tokenizer)
 #   call 5: . /root/w/env.sh && bash bench/gpu_check.sh auto $OUT          (issue 15's GPU branch; repeat to resume)
 #   call 6: . /root/w/env.sh && SWEEP_N=100 SWEEP_SEEDS=0,1 bash bench/gpu_check.sh sweep $OUT   (issue 16; repeat)
-#   or, one call for issues 16 and 10 after call 1: bash .gpu2/join.sh && . /root/w/env.sh && SWEEP_N=all \
-#     SWEEP_SEEDS=0 SWEEP_METHODS=warm SWEEP_TIMEOUT=400 bash bench/gpu_check.sh sweep $OUT && \
-#     timeout 90 bash bench/gpu_check.sh inspect $OUT                                                (carry .gpu2)
+#   or, for issues 16 and 10 after call 1 (what ran on 2026-11-27; carry .gpu2 and .gputrain, see README):
+#     bash .gpu2/join.sh && . /root/w/env.sh && SWEEP_N=all SWEEP_SEEDS=0 SWEEP_METHODS=warm SWEEP_TIMEOUT=400 \
+#       bash bench/gpu_check.sh sweep $OUT
+#     . /root/w/env.sh && timeout 300 bash bench/gpu_check.sh inspect $OUT
 # eval:  SFT of the embedded 135M on all expert data (the 94.8% recipe), then inspection of every expert prefix of
 #        400 trajectories (timed), then the 134 valid_unseen games at 40 turns (timed; the target is <= 60 s).
 # train: bench row 4 (MFU, tokens/s, peak memory; old vs new path; bf16 and fp16 + GradScaler), then the same SFT on
 #        the new path (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s for 2 epochs).
 # fsdp:  issue 14: a random-init 1.2B Llama trains (SFT, then one implicit cycle) at world size 1 with --dist ddp,
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
-# inspect: the eval mode's inspection timing, with the checkpoint of the sweep's N = all warm start (or CKPT=dir).
+# inspect: the eval mode's inspection timing (default groups, then 64 at a time), with CKPT=dir, the sweep's N = all
+#        warm start, or else a 1-epoch SFT on 400 trajectories trained first.
 # sweep: issue 16: cells (SWEEP_N x SWEEP_METHODS x SWEEP_SEEDS) of the replication sweep with the README's
 #        GPU settings (SWEEP_FLAGS replaces them), stopped at 9 min (SWEEP_TIMEOUT s); every finished cell
 #        (cell.json, config, metrics, eval JSONL), each warm start's metrics and the report come back. Cells in
@@ -28,18 +30,22 @@ out=${2:?usage: bench/gpu_check.sh MODE OUT}
 mkdir -p "$out"
 quiet() { tr '\r' '\n' | grep -v 'it/s\]'; }
 sft=(--preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 0)
-inspect_400() {  # inspection of every expert prefix of 400 trajectories with checkpoint $1, timed (target <= 30 s)
-  python - "$1" > "$out/inspect.json" 2>> "$out/inspect.log" <<'PY'
-import json, sys, time
+inspect_400() {  # inspection of every expert prefix of 400 trajectories with checkpoint $1, timed (target <= 30 s):
+  # the default groups (inspect_group: what GPU memory holds), then 64 trajectories at a time (--gen-batch-size 64)
+  python - "$1" >> "$out/inspect.json" 2>> "$out/inspect.log" <<'PY'
+import contextlib, json, sys, time
 import data, stepagent as sa
-cfg = sa.Config(temperature=1.0)
-rt = sa.setup_runtime(cfg)
-model, tok = sa.load_policy(sys.argv[1], rt)
+with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
+    rt = sa.setup_runtime(sa.Config())
+    model, tok = sa.load_policy(sys.argv[1], rt)
 encs, _ = data.encode_dataset(tok, data.load_trajectories(data.default_expert_path("alfworld"))[:400], 2048)
-t0 = time.time()
-items = sa.inspect(cfg, rt, model, tok, encs, cycle=1)
-print(json.dumps({"trajectories": len(encs), "prefixes": len(items), "seconds": time.time() - t0,
-                  "gen_batch": sa.gen_batch(cfg, rt), "agreement": sum(i.agree for i in items) / len(items)}))
+for gen_batch_size in (0, 64):
+    cfg = sa.Config(temperature=1.0, gen_batch_size=gen_batch_size)
+    t0 = time.time()
+    items = sa.inspect(cfg, rt, model, tok, encs, cycle=1)
+    print(json.dumps({"trajectories": len(encs), "prefixes": len(items), "seconds": time.time() - t0,
+                      "group": sa.inspect_group(cfg, rt, model),
+                      "agreement": sum(i.agree for i in items) / len(items)}), flush=True)
 PY
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/device.txt"
@@ -58,8 +64,14 @@ elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /r
   python bench/fsdp_memory.py --out /root/w/fsdp 2>&1 | quiet > "$out/fsdp.log"
   cp /root/w/fsdp/fsdp.json /root/w/fsdp/*.log "$out/"
   for m in ddp fsdp fsdp+ckpt; do cp /root/w/fsdp/run-$m/metrics.jsonl "$out/metrics-$m.jsonl"; done
-elif [ "$mode" = inspect ]; then  # after sweep N=all: inspection with its warm start (or CKPT=dir)
-  inspect_400 "${CKPT:-$(ls -d /root/w/sweep/nall-s0-warmstart/ckpt-* | tail -1)}"
+elif [ "$mode" = inspect ]; then  # with CKPT=dir, or the sweep's N = all warm start, or a 1-epoch SFT on 400 (~30 s)
+  ckpt=${CKPT:-$(ls -d /root/w/sweep/nall-s0-warmstart/ckpt-* 2>/dev/null | tail -1)}
+  if [ -z "$ckpt" ]; then
+    python stepagent.py "${sft[@]}" --epochs 1 --max-trajectories 400 --out /root/w/runs/sft400 --eval-games 0 2>&1 |
+      quiet > "$out/sft400.log"
+    ckpt=$(ls -d /root/w/runs/sft400/ckpt-* | tail -1)
+  fi
+  inspect_400 "$ckpt"
 elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (--preset auto = gpu), end to end
   run=/root/w/runs/auto; again=$([ -e $run/metrics.jsonl ] && echo --resume)  # past one call: run the mode again
   timeout 570 /usr/bin/time -v python stepagent.py --env alfworld --out $run $again 2>&1 | quiet > "$out/auto.log"
