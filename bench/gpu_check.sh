@@ -24,6 +24,7 @@
 #        (cell.json, config, metrics, eval JSONL), each warm start's metrics and the report come back. Cells in
 #        /root/w/sweep resume on the next call while the machine is held, and a cell asked for a new split
 #        (SWEEP_SPLITS) plays it with its kept checkpoint.
+# Every mode's OUT also comes back whole as OUT/all.tar.gz (the link returns 8 files, 2 folders down).
 set -uo pipefail
 mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep|inspect OUT}
 out=${2:?usage: bench/gpu_check.sh MODE OUT}
@@ -101,4 +102,11 @@ elif [ "$mode" = sweep ]; then
 else
   echo "error: mode $mode: expected eval, train, fsdp, auto, sweep or inspect"; exit 2
 fi
-tail -n 3 "$out"/*.log
+# the device link returns at most 8 files, at most 2 folders down (../.library/device/README.md): everything also goes
+# into one archive, folders leave OUT, and past 8 files only the archive, device.txt and the reports stay
+tar czf /tmp/all.tar.gz -C "$out" . && mv /tmp/all.tar.gz "$out/all.tar.gz"
+find "$out" -mindepth 1 -type d -prune -exec rm -rf {} +
+if [ "$(find "$out" -maxdepth 1 -type f | wc -l)" -gt 8 ]; then
+  find "$out" -maxdepth 1 -type f ! -name all.tar.gz ! -name device.txt ! -name '*.md' ! -name '*.json' -delete
+fi
+tail -n 3 "$out"/*.log 2>/dev/null; ls "$out"
