@@ -13,8 +13,9 @@
 #     . /root/w/env.sh && timeout 300 bash bench/gpu_check.sh inspect $OUT
 # eval:  SFT of the embedded 135M on all expert data (the 94.8% recipe), then inspection of every expert prefix of
 #        400 trajectories (timed), then the 134 valid_unseen games at 40 turns (timed; the target is <= 60 s).
-# train: bench row 4 (MFU, tokens/s, peak memory; old vs new path; bf16 and fp16 + GradScaler), then the same SFT on
-#        the new path (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s for 2 epochs).
+# train: bench row 4 for the 135M at 32 trajectories a step (MFU, tokens/s, peak memory; old vs new path; bf16 and
+#        fp16 + GradScaler), then the SFT on all expert data with its 32 trajectories a step in one forward, on the
+#        old path and on the new one (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s).
 # fsdp:  issue 14: a random-init 1.2B Llama trains (SFT, then one implicit cycle) at world size 1 with --dist ddp,
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
 # inspect: the eval mode's inspection timing (default groups, then 64 at a time), with CKPT=dir, the sweep's N = all
@@ -56,11 +57,16 @@ if [ "$mode" = eval ]; then
     --max-steps 40 2>&1 | quiet > "$out/sft-eval.log"
   cp $run/metrics.jsonl $run/eval/final/valid_unseen.jsonl $run/eval/final/summary.json "$out/"
   inspect_400 "$(ls -d $run/ckpt-* | tail -1)"
-elif [ "$mode" = train ]; then
-  python bench/bench.py --rows 4 --out "$out/results-gpu-row4.json" 2>&1 | quiet > "$out/row4.log"
-  /usr/bin/time -v python stepagent.py "${sft[@]}" --tokens-per-batch 16384 --attn flex_attention \
-    --out /root/w/runs/sft-new --eval-games 0 2>&1 | quiet > "$out/sft-new.log"
-  cp /root/w/runs/sft-new/metrics.jsonl "$out/sft-new-metrics.jsonl"
+elif [ "$mode" = train ]; then  # what the 2026-11-27 row 4 left open (bench/RESULTS.md): more tokens per forward
+  python bench/bench.py --rows 4 --size 'gpu_models=["135m"]' --size gpu_trajectories=32 \
+    --size gpu_tokens_per_batch=65536 --out "$out/results-gpu-row4-135m-32traj.json" 2>&1 | quiet > "$out/row4.log"
+  one=(--batch-size 32 --grad-accum 1)  # the same 32 trajectories per optimizer step, in one forward instead of 4
+  for path in old new; do
+    more=(); [ $path = new ] && more=(--tokens-per-batch 32768 --attn flex_attention)
+    timeout 200 /usr/bin/time -v python stepagent.py "${sft[@]}" "${one[@]}" "${more[@]}" --out /root/w/runs/sft-$path \
+      --eval-games 0 2>&1 | quiet > "$out/sft-$path.log"
+    cp /root/w/runs/sft-$path/metrics.jsonl "$out/sft-$path-metrics.jsonl"
+  done
 elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /root/w; results and logs come back
   python bench/fsdp_memory.py --out /root/w/fsdp 2>&1 | quiet > "$out/fsdp.log"
   cp /root/w/fsdp/fsdp.json /root/w/fsdp/*.log "$out/"
