@@ -1018,6 +1018,27 @@ def test_sft_logs_the_learning_rate_each_step_used():
     assert [ln["sft/lr"] for ln in run.lines] == pytest.approx([1e-3 * f for f in used], rel=1e-6)
 
 
+
+def test_sft_step_is_the_same_in_one_forward_or_in_accumulated_micro_batches():
+    """An SFT step of 4 trajectories as 2 micro-batches × 2 accumulated (--batch-size 2 --grad-accum 2) or in one
+    forward (--batch-size 4 --grad-accum 1; what gpu_check.sh train times): the loss is the step's token mean either
+    way, so the logged losses and the trained parameters agree to float noise."""
+    encs = [encode(make_traj(n, seed=60 + n)) for n in (3, 1, 4, 2, 2, 3, 1, 4)]
+    runs = []
+    for b, k in ((2, 2), (4, 1)):
+        model, run = tiny_model("sdpa"), NullRun()
+        sa.train_sft(sa.Config(preset="none", lr=1e-3, batch_size=b, grad_accum=k, epochs=1), CPU, model, encs, run,
+                     None)
+        runs.append((run.lines, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (a, pa), (b, pb) = runs
+    assert len(a) == len(b) == 2
+    for la, lb in zip(a, b):
+        assert la["sft/loss"] == pytest.approx(lb["sft/loss"], rel=1e-5) and la["sft/tokens"] == lb["sft/tokens"]
+    diff = (pa - pb).abs()  # Adam's first step is lr·g/|g|: float noise moves it only where g ≈ 0
+    assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-3
+    assert (pa - torch.cat([p.flatten() for p in tiny_model("sdpa").parameters()])).abs().max() > 1e-4  # trained
+
+
 # ----------------------------------------------------------------------------- the command line, end to end
 
 
