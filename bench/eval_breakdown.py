@@ -8,7 +8,8 @@ bookkeeping, and the harness (engine steps, game starts, pipes), for one policy 
     python bench/eval_breakdown.py --decode 24 1000 --dtype bf16   # a decode step: DynamicCache vs reserved columns
     STEPAGENT_BENCH_CODE=DIR python bench/eval_breakdown.py ...   # the same for the code in DIR (e.g. bench.OLD's)
 
-Times are wall seconds in the policy's process; "harness" is the evaluation's wall time minus the policy's.
+Times are wall seconds in the policy's process (on CUDA each timed call synchronizes, so a kernel's time counts where
+it was launched); "harness" is the evaluation's wall time minus the policy's.
 """
 from __future__ import annotations
 
@@ -32,11 +33,15 @@ import stepagent  # noqa: E402
 
 
 def timed(totals: dict, key: str, fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # CUDA returns before it computes
+
     def wrapper(*args, **kw):
+        sync()
         t0 = time.perf_counter()
         try:
             return fn(*args, **kw)
         finally:
+            sync()
             totals[key] += time.perf_counter() - t0
     return wrapper
 

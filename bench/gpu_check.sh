@@ -2,6 +2,8 @@
 # The GPU measurements of the evaluation-speed and training-speed issues, ready to run on a lent GPU machine after
 # ../shared/gpu/README.md's setup (each mode fits one 10-minute call; results and logs go to OUT):
 #   call 1: bash .gpu1/setup.sh                                         (carry .gpu1)
+#           (row 4 needs only the tokenizer: carry also .gputok/tok.tar.xz, the converted SmolLM2 dir's config and
+#           tokenizer files, unpack it to /root/w/tok and run bench.py with STEPAGENT_CACHE=/root/w/tok in this call)
 #   call 2: bash .gpu2/join.sh && . /root/w/env.sh && bash bench/gpu_check.sh eval $OUT     (carry .gpu2)
 #   call 3: . /root/w/env.sh && bash bench/gpu_check.sh train $OUT
 #   call 4: . /root/w/env.sh && bash bench/gpu_check.sh fsdp $OUT                   (after call 2: the tokenizer)
@@ -20,6 +22,9 @@
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
 # inspect: the eval mode's inspection timing (default groups, then 64 at a time), with CKPT=dir, the sweep's N = all
 #        warm start, or else a 1-epoch SFT on 400 trajectories trained first.
+# breakdown: bench/eval_breakdown.py on the GPU with that checkpoint (render, prefill, decode, cache bookkeeping,
+#        harness; 64 games at once, 40 turns), and one engine alone. In one call after the setup calls:
+#        . /root/w/env.sh && bash bench/gpu_check.sh inspect $OUT; bash bench/gpu_check.sh breakdown $OUT
 # sweep: issue 16: cells (SWEEP_N x SWEEP_METHODS x SWEEP_SEEDS) of the replication sweep with the README's
 #        GPU settings (SWEEP_FLAGS replaces them), stopped at 9 min (SWEEP_TIMEOUT s); every finished cell
 #        (cell.json, config, metrics, eval JSONL), each warm start's metrics and the report come back. Cells in
@@ -27,7 +32,7 @@
 #        (SWEEP_SPLITS) plays it with its kept checkpoint.
 # Every mode's OUT also comes back whole as OUT/all.tar.gz (the link returns 8 files, 2 folders down).
 set -uo pipefail
-mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep|inspect OUT}
+mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep|inspect|breakdown OUT}
 out=${2:?usage: bench/gpu_check.sh MODE OUT}
 mkdir -p "$out"
 quiet() { tr '\r' '\n' | grep -v 'it/s\]'; }
@@ -50,6 +55,15 @@ for gen_batch_size in (0, 64):
                       "agreement": sum(i.agree for i in items) / len(items)}), flush=True)
 PY
 }
+checkpoint() {  # CKPT=dir, or the sweep's N = all warm start, or else a 1-epoch SFT on 400 trajectories (~30 s)
+  local ckpt=${CKPT:-$(ls -d /root/w/sweep/nall-s0-warmstart/ckpt-* 2>/dev/null | tail -1)}
+  if [ -z "$ckpt" ]; then
+    ls -d /root/w/runs/sft400/ckpt-* > /dev/null 2>&1 || python stepagent.py "${sft[@]}" --epochs 1 \
+      --max-trajectories 400 --out /root/w/runs/sft400 --eval-games 0 2>&1 | quiet > "$out/sft400.log"
+    ckpt=$(ls -d /root/w/runs/sft400/ckpt-* | tail -1)
+  fi
+  echo "$ckpt"
+}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/device.txt"
 if [ "$mode" = eval ]; then
   run=/root/w/runs/sft
@@ -71,14 +85,12 @@ elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /r
   python bench/fsdp_memory.py --out /root/w/fsdp 2>&1 | quiet > "$out/fsdp.log"
   cp /root/w/fsdp/fsdp.json /root/w/fsdp/*.log "$out/"
   for m in ddp fsdp fsdp+ckpt; do cp /root/w/fsdp/run-$m/metrics.jsonl "$out/metrics-$m.jsonl"; done
-elif [ "$mode" = inspect ]; then  # with CKPT=dir, or the sweep's N = all warm start, or a 1-epoch SFT on 400 (~30 s)
-  ckpt=${CKPT:-$(ls -d /root/w/sweep/nall-s0-warmstart/ckpt-* 2>/dev/null | tail -1)}
-  if [ -z "$ckpt" ]; then
-    python stepagent.py "${sft[@]}" --epochs 1 --max-trajectories 400 --out /root/w/runs/sft400 --eval-games 0 2>&1 |
-      quiet > "$out/sft400.log"
-    ckpt=$(ls -d /root/w/runs/sft400/ckpt-* | tail -1)
-  fi
-  inspect_400 "$ckpt"
+elif [ "$mode" = inspect ]; then
+  inspect_400 "$(checkpoint)"
+elif [ "$mode" = breakdown ]; then  # where a GPU evaluation turn goes: 64 valid_seen games at once, 40 turns
+  python bench/eval_breakdown.py --checkpoint "$(checkpoint)" --dtype bf16 --games 64 --batch 64 --max-steps 40 \
+    --new-tokens 48 2>&1 | quiet > "$out/breakdown.log"
+  python bench/eval_breakdown.py --engine >> "$out/breakdown.log" 2>&1
 elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (--preset auto = gpu), end to end
   run=/root/w/runs/auto; again=$([ -e $run/metrics.jsonl ] && echo --resume)  # past one call: run the mode again
   timeout 570 /usr/bin/time -v python stepagent.py --env alfworld --out $run $again 2>&1 | quiet > "$out/auto.log"
@@ -106,7 +118,7 @@ elif [ "$mode" = sweep ]; then
   done
   python bench/sweep.py report "$sw" --md "$out/sweep.md" --plot "$out/sweep.png" > "$out/report.log" 2>&1
 else
-  echo "error: mode $mode: expected eval, train, fsdp, auto, sweep or inspect"; exit 2
+  echo "error: mode $mode: expected eval, train, fsdp, auto, sweep, inspect or breakdown"; exit 2
 fi
 # the device link returns at most 8 files, at most 2 folders down (../.library/device/README.md): everything also goes
 # into one archive, folders leave OUT, and past 8 files only the archive, device.txt and the reports stay
