@@ -1382,8 +1382,8 @@ class PrefixCachedPolicy:
         # 4. keep each episode's own cache: its prompt and the reply tokens fed back (all but the last)
         self.caches = self.caches if keep_absent else {}
         for i, (key, ids) in enumerate(zip(keys, prompts)):
-            keep = torch.cat([torch.arange(S - n[i], S + len(new[i])),  # kept K/V and new prompt tokens, reply
-                              torch.arange(S + M, S + M + len(replies[i]) - 1)])
+            keep = torch.cat([torch.arange(S - n[i], S + len(new[i]), device=dev),  # kept K/V, new prompt, reply
+                              torch.arange(S + M, S + M + len(replies[i]) - 1, device=dev)])  # (one copy to the GPU)
             self.caches[key] = (ids + replies[i][:-1], [(layer.keys[i:i + 1, :, keep], layer.values[i:i + 1, :, keep])
                                                          for layer in cache.layers])
         return [self.tok.decode(ts, skip_special_tokens=True).strip() for ts in replies]
