@@ -874,7 +874,8 @@ def inspect_cached(cfg: Config, rt: Runtime, model, tok, slots: list[tuple[int, 
     rows, replies = sorted(last, key=lambda r: (-last[r], r)), [""] * len(slots)
     for group in tqdm(batched(rows, max(1, inspect_group(cfg, rt, model) // cfg.samples_per_step)), desc=desc,
                       disable=not rt.is_main or len(rows) <= 1, dynamic_ncols=True, leave=False):
-        for t in sorted({t for row, t in where if row in group}):  # step by step, all the group's trajectories
+        members = set(group)
+        for t in sorted({t for row, t in where if row in members}):  # step by step, all the group's trajectories
             idx = [i for row in group for i in where.get((row, t), [])]
             keys = [(row, k) for row in group for k, _ in enumerate(where.get((row, t), []))]  # sample k of row
             for i, reply in zip(idx, policy.act(keys, [prompts[i] for i in idx], keep_absent=True)):
@@ -1383,7 +1384,7 @@ class PrefixCachedPolicy:
         self.caches = self.caches if keep_absent else {}
         for i, (key, ids) in enumerate(zip(keys, prompts)):
             keep = torch.cat([torch.arange(S - n[i], S + len(new[i]), device=dev),  # kept K/V, new prompt, reply
-                              torch.arange(S + M, S + M + len(replies[i]) - 1, device=dev)])  # (one copy to the GPU)
+                              torch.arange(S + M, S + M + len(replies[i]) - 1, device=dev)])  # made on the device
             self.caches[key] = (ids + replies[i][:-1], [(layer.keys[i:i + 1, :, keep], layer.values[i:i + 1, :, keep])
                                                          for layer in cache.layers])
         return [self.tok.decode(ts, skip_special_tokens=True).strip() for ts in replies]
