@@ -2,8 +2,10 @@
 # The GPU measurements of the evaluation-speed and training-speed issues, ready to run on a lent GPU machine after
 # ../shared/gpu/README.md's setup (each mode fits one 10-minute call; results and logs go to OUT):
 #   call 1: bash .gpu1/setup.sh                                         (carry .gpu1)
-#           (row 4 needs only the tokenizer: carry also .gputok/tok.tar.xz, the converted SmolLM2 dir's config and
-#           tokenizer files, unpack it to /root/w/tok and run bench.py with STEPAGENT_CACHE=/root/w/tok in this call)
+#           (row 4 needs only the tokenizer, so it can run in this call: here, `mkdir -p .gputok && tar cJf
+#           .gputok/tok.tar.xz -C ~/.cache/stepagent SmolLM2-135M-Instruct/{config.json,generation_config.json,
+#           tokenizer.json,tokenizer_config.json,chat_template.jinja}` (0.5 MB, .gputok in .git/info/exclude), carry
+#           .gputok too, there unpack it to /root/w/tok and run bench.py with STEPAGENT_CACHE=/root/w/tok)
 #   call 2: bash .gpu2/join.sh && . /root/w/env.sh && bash bench/gpu_check.sh eval $OUT     (carry .gpu2)
 #   call 3: . /root/w/env.sh && bash bench/gpu_check.sh train $OUT
 #   call 4: . /root/w/env.sh && bash bench/gpu_check.sh fsdp $OUT                   (after call 2: the tokenizer)
@@ -17,7 +19,8 @@
 #        400 trajectories (timed), then the 134 valid_unseen games at 40 turns (timed; the target is <= 60 s).
 # train: bench row 4 for the 135M at 32 trajectories a step (MFU, tokens/s, peak memory; old vs new path; bf16 and
 #        fp16 + GradScaler), then the SFT on all expert data with its 32 trajectories a step in one forward, on the
-#        old path and on the new one (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s).
+#        old path and on the new one (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s). ROW4=0:
+#        the SFT runs only (row 4 ran in the setup call with .gputok).
 # fsdp:  issue 14: a random-init 1.2B Llama trains (SFT, then one implicit cycle) at world size 1 with --dist ddp,
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
 # inspect: the eval mode's inspection timing (default groups, then 64 at a time), with CKPT=dir, the sweep's N = all
@@ -72,7 +75,7 @@ if [ "$mode" = eval ]; then
   cp $run/metrics.jsonl $run/eval/final/valid_unseen.jsonl $run/eval/final/summary.json "$out/"
   inspect_400 "$(ls -d $run/ckpt-* | tail -1)"
 elif [ "$mode" = train ]; then  # what the 2026-11-27 row 4 left open (bench/RESULTS.md): more tokens per forward
-  python bench/bench.py --rows 4 --size 'gpu_models=["135m"]' --size gpu_trajectories=32 \
+  [ "${ROW4:-1}" = 0 ] || python bench/bench.py --rows 4 --size 'gpu_models=["135m"]' --size gpu_trajectories=32 \
     --size gpu_tokens_per_batch=65536 --out "$out/results-gpu-row4-135m-32traj.json" 2>&1 | quiet > "$out/row4.log"
   one=(--batch-size 32 --grad-accum 1)  # the same 32 trajectories per optimizer step, in one forward instead of 4
   for path in old new; do
