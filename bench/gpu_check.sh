@@ -11,7 +11,8 @@
 #   call 4: . /root/w/env.sh && bash bench/gpu_check.sh fsdp $OUT                   (after call 2: the tokenizer)
 #   call 5: . /root/w/env.sh && bash bench/gpu_check.sh auto $OUT          (issue 15's GPU branch; repeat to resume)
 #   call 6: . /root/w/env.sh && SWEEP_N=100 SWEEP_SEEDS=0,1 bash bench/gpu_check.sh sweep $OUT   (issue 16; repeat)
-#   or, for issues 16 and 10 after call 1 (what ran on 2026-11-27; carry .gpu2 and .gputrain, see README):
+#   or, for issues 16 and 10 after call 1 (carry .gpu2 and .gputrain, see README; on 2026-11-27, without
+#   .gputrain, SWEEP_FLAGS added --train-val 0 to the default flags):
 #     bash .gpu2/join.sh && . /root/w/env.sh && SWEEP_N=all SWEEP_SEEDS=0 SWEEP_METHODS=warm SWEEP_TIMEOUT=400 \
 #       bash bench/gpu_check.sh sweep $OUT
 #     . /root/w/env.sh && timeout 300 bash bench/gpu_check.sh inspect $OUT
