@@ -1018,7 +1018,6 @@ def test_sft_logs_the_learning_rate_each_step_used():
     assert [ln["sft/lr"] for ln in run.lines] == pytest.approx([1e-3 * f for f in used], rel=1e-6)
 
 
-
 def test_sft_step_is_the_same_in_one_forward_or_in_accumulated_micro_batches():
     """An SFT step of 4 trajectories as 2 micro-batches × 2 accumulated (--batch-size 2 --grad-accum 2) or in one
     forward (--batch-size 4 --grad-accum 1; what gpu_check.sh train times): the loss is the step's token mean either

@@ -42,14 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {missing[0]}: no 'transcript' field: expected stepagent evaluation JSONL")
     with ProcessPoolExecutor(args.jobs) as pool:
         res = list(pool.map(replay, [(args.env, r) for r in recs], chunksize=4))
-    same = [r for r in res if r["won"] == r["logged_won"] and r["differs_at"] is None]
+    differ = [r for r in res if r["won"] != r["logged_won"] or r["differs_at"] is not None]
     print(f"{len(res)} episodes replayed: won {sum(r['won'] for r in res)} in the engine (logged "
-          f"{sum(r['logged_won'] for r in res)}); {len(same)} reproduce every observation and the outcome")
-    for r in res:
-        if r not in same:
-            print(f"  differs: {r['game']}: won {r['won']} (logged {r['logged_won']}), first other observation at "
-                  f"turn {r['differs_at']}")
-    return 0 if len(same) == len(res) else 1
+          f"{sum(r['logged_won'] for r in res)}); {len(res) - len(differ)} reproduce every observation and the outcome")
+    for r in differ:
+        print(f"  differs: {r['game']}: won {r['won']} (logged {r['logged_won']}), first other observation at "
+              f"turn {r['differs_at']}")
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":
