@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -126,6 +127,7 @@ class Config:
     eval_splits: str = ""  # comma-separated (default: valid_seen,valid_unseen; sciworld: dev,test; webshop: test)
     eval_batch: int = 0  # environments played in parallel (0 = from the machine: see auto_eval_batch)
     eval_cache: bool = True  # keep each episode's KV cache across turns (--no-eval-cache: re-encode every turn)
+    cuda_graphs: bool = False  # CUDA: the cached policy's decode steps as CUDA graphs (off until a GPU run shows gains)
     eval_every: int = 0  # also evaluate after SFT and every N cycles (0 = only at the end; SFT vs StepAgent printed)
     max_steps: int = 0  # turns per episode (0 = env's: ALFWorld 40 as ETO, IPR 20; ScienceWorld ETO's per task; QA 7)
     env_data: str = ""  # env data (default: $ALFWORLD_DATA or ../shared/alfworld; QA: $HOTPOTQA_DATA or ../shared/qa)
@@ -811,8 +813,8 @@ def inspect_group(cfg: Config, rt: Runtime, model) -> int:
 
 
 def kv_rows(config, tokens: int, budget: int) -> int:
-    """Rows whose 16-bit K/V caches of `tokens` tokens fit `budget` bytes twice (each episode's own cache and the
-    turn's batch copy, PrefixCachedPolicy), from 64 (the generate() default) to 1,024."""
+    """Rows whose 16-bit K/V caches of `tokens` tokens fit `budget` bytes twice (PrefixCachedPolicy's slot cache grows
+    by half again past what it needs; the prefill's activations), from 64 (the generate() default) to 1,024."""
     c = getattr(config, "text_config", config)
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -863,7 +865,8 @@ def inspect_cached(cfg: Config, rt: Runtime, model, tok, slots: list[tuple[int, 
                    seed: int, desc: str) -> list[str]:
     """The replies of inspect() through evaluation's KV-cached policy: a trajectory's K samples keep their caches
     from step to step, so h_{t+1} prefills only â_t and o_t. Trajectories go inspect_group // K at a time."""
-    policy = PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens, cfg.temperature, seed, stop_at_action=False)
+    policy = PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens, cfg.temperature, seed, stop_at_action=False,
+                                graphs=cfg.cuda_graphs)
     where: dict[tuple[int, int], list[int]] = {}  # (row, t) -> indices of its K slots
     for i, slot in enumerate(slots):
         where.setdefault(slot, []).append(i)
@@ -880,7 +883,7 @@ def inspect_cached(cfg: Config, rt: Runtime, model, tok, slots: list[tuple[int, 
             keys = [(row, k) for row in group for k, _ in enumerate(where.get((row, t), []))]  # sample k of row
             for i, reply in zip(idx, policy.act(keys, [prompts[i] for i in idx], keep_absent=True)):
                 replies[i] = reply
-        policy.caches.clear()
+        policy.reset()
     return replies
 
 
@@ -1203,7 +1206,7 @@ def make_act_fn(cfg: Config, rt: Runtime, model, tok):
     --no-eval-cache: one batched generate per turn that re-encodes every history from its first token.
     """
     if cfg.eval_cache and full_attention(model):
-        return PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens)
+        return PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens, graphs=cfg.cuda_graphs)
     if cfg.eval_cache:
         kinds = ", ".join(sorted(layer_windows(model) or set(model.config.layer_types)))
         print0(rt, f"--eval-cache: {kinds} layers need more than the cached policy's full-attention caches; "
@@ -1263,69 +1266,85 @@ def full_attention(model) -> bool:
     return layer_windows(model) == {"full_attention": None}
 
 
-def reserved_cache(capacity: int):
-    """A KV cache whose layers hold `capacity` columns from their first update on: later updates write in place, where
-    transformers' DynamicLayer torch.cat's the whole cache at every layer for every decoded token (81% of a decode
-    step of 24 episodes at 1,000 columns on CPU, bench/RESULTS.md). Keys and values are views of the filled columns."""
+def slot_cache(state: SimpleNamespace):
+    """A KV cache that gives every episode its own row of columns, kept from turn to turn: a forward writes each row's
+    new tokens at that row's own columns (state.cols, (R, n)) and attends to the first state.hi columns, whatever the
+    other rows hold (the 4-D mask hides what a row has not written). Nothing is re-padded or copied between turns, and
+    a decode step has the same shapes every time, so CUDA can replay it as a graph. transformers' DynamicLayer instead
+    torch.cat's the whole cache at every layer for every decoded token (81% of a CPU decode step, bench/RESULTS.md)."""
     from transformers.cache_utils import Cache, DynamicLayer
 
-    class ReservedLayer(DynamicLayer):
+    class SlotLayer(DynamicLayer):
         def update(self, k: torch.Tensor, v: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
             if not hasattr(self, "kv"):  # under autocast, held in the dtype sdpa would cast them to at every step
                 dt = torch.get_autocast_dtype(k.device.type) if torch.is_autocast_enabled(k.device.type) else k.dtype
-                self.kv = [x.new_zeros(*x.shape[:2], max(capacity, x.shape[2]), x.shape[3], dtype=dt) for x in (k, v)]
-                self.keys = self.values = k[:, :, :0]
+                self.kv = [x.new_zeros(state.rows, x.shape[1], state.columns, x.shape[3], dtype=dt) for x in (k, v)]
                 self.device, self.dtype, self.is_initialized = k.device, dt, True  # what transformers 4.56-5 read
-            L, n = self.keys.shape[2], k.shape[2]
-            if L + n > self.kv[0].shape[2]:  # past the reservation: grow by copying, as DynamicLayer always does
-                self.kv = [torch.cat([buf[:, :, :L], x.to(buf.dtype)], 2) for buf, x in zip(self.kv, (k, v))]
-            else:
-                for buf, x in zip(self.kv, (k, v)):
-                    buf[:, :, L:L + n] = x
-            self.keys, self.values = (buf[:, :, :L + n] for buf in self.kv)
+            R, H, n, D = k.shape
+            at = state.cols[:, None, :, None].expand(R, H, n, D)  # (R, H, n, D): row r's token j goes to cols[r, j]
+            for buf, x in zip(self.kv, (k, v)):
+                buf[:R].scatter_(2, at, x.to(buf.dtype))
+            self.keys, self.values = (buf[:R, :, :state.hi] for buf in self.kv)
             return self.keys, self.values
 
-    return Cache(layer_class_to_replicate=ReservedLayer)
+    return Cache(layer_class_to_replicate=SlotLayer)
 
 
 class PrefixCachedPolicy:
     """Greedy acting that keeps each episode's KV cache across turns (keyed by the history's id).
 
     h_{t+1} = h_t + a_t + o_t, so a turn prefills only what is new (o_t and the chat markup) instead of the whole
-    history, which dominates the cost of acting once histories grow (bench row 3). All live episodes prefill in one
-    forward and then decode together: their caches are left-padded into one batch cache with the turn's columns
-    reserved (reserved_cache) and the new tokens right-padded after them, with an attention mask over all padding and
-    position_ids that continue each episode's own positions.
-    Exact by construction: a cache is cut back to the longest common prefix of the ids it holds and the new prompt, so
-    a reply that re-tokenises differently, or a history that is not an extension, only costs recomputation. A reply
-    ends at an end token or once data.action_is_final. Episodes absent from a call are dropped. Plain argmax decoding,
-    as generate(do_sample=False) with no logits processors configured. Caches of full-attention (DynamicLayer) models.
+    history, which dominates the cost of acting once histories grow (bench row 3). Each episode owns a row of one
+    slot_cache; all live episodes prefill in one forward (new tokens right-padded) and then decode together, each
+    row writing at its own next column, with position_ids equal to columns and a 4-D mask that shows a token only its
+    own row's columns up to itself.
+    Exact by construction: a row is cut back to the longest common prefix of the ids it holds and the new prompt, so a
+    reply that re-tokenises differently, or a history that is not an extension, only costs recomputation. A reply ends
+    at an end token or once data.action_is_final. Episodes absent from a call are dropped (keep_absent: kept), and the
+    live ones move to the first rows, so a forward runs on them alone. Plain argmax decoding, as generate(do_sample=
+    False) with no logits processors configured. Full-attention models only (full_attention).
+    graphs=True (CUDA, --cuda-graphs): a decode step of R rows is captured once as a CUDA graph and replayed: one launch
+    instead of the hundreds a 30-layer forward makes, which bound the 135M's steps on an H200 (bench/RESULTS.md).
     (Hand-written, not generate(): one generate call continues one batch cache, not per-episode caches of different
-    lengths that grow turn by turn and are regrouped as episodes end and start; bench row 3 and
-    bench/eval_breakdown.py measure the gain.)
+    lengths that grow turn by turn as episodes end and start; bench row 3 and bench/eval_breakdown.py measure the gain.)
     """
 
     def __init__(self, model, tok, rt: Runtime, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                 stop_at_action: bool = True):
+                 stop_at_action: bool = True, graphs: bool = False):
         self.model, self.tok, self.rt, self.max_new_tokens = model, tok, rt, max_new_tokens
         self.temperature, self.stop_at_action = temperature, stop_at_action  # inspection samples whole replies
+        self.graphs = {} if graphs and rt.device.type == "cuda" else None  # (rows, columns) -> (graph, input, logits)
         self.gen = torch.Generator(rt.device).manual_seed(seed)
         self.eos = set(end_tokens(model, tok))
-        self.caches: dict[str, tuple[list[int], list]] = {}  # episode id -> (ids held, [(K, V) per layer])
+        self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0)  # what slot_cache's layers read
+        self.cache = slot_cache(self.state)
+        self.row: dict = {}  # episode key -> its row
+        self.held: list[list[int]] = []  # per row: the ids whose K/V it holds, in columns 0 .. len - 1
         from inspect import signature  # (the module name `inspect` is the paper's inspection stage here)
 
         fwd = signature(model.forward).parameters  # newer transformers: `cache`, older: `past_key_values`
         self.cache_kw = "cache" if "cache" in fwd else "past_key_values"
 
-    def _forward(self, ids: list[list[int]], cache, keep: int | torch.Tensor = 1, **kw) -> torch.Tensor:
-        """One forward over new tokens after the cached ones (the cache grows in place); logits at `keep`."""
-        out = self.model(input_ids=torch.tensor(ids, device=self.rt.device), use_cache=True, logits_to_keep=keep,
-                         **{self.cache_kw: cache}, **kw)
-        return out.logits.float()
-
     def __call__(self, histories: list) -> list[str]:
         """Evaluation: each episode's history rendered as in training, keyed by its id; finished episodes dropped."""
         return self.act([h.id for h in histories], [data.encode_prompt(self.tok, h, len(h.steps)) for h in histories])
+
+    def kept(self, key) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """What an episode's row holds: its ids and per layer (K, V), each (1, H, len, D)."""
+        r, L = self.row[key], len(self.held[self.row[key]])
+        return self.held[r], [(layer.kv[0][r:r + 1, :, :L], layer.kv[1][r:r + 1, :, :L]) for layer in self.cache.layers]
+
+    def reset(self) -> None:
+        """Forget every episode (their rows are reused; the memory stays reserved)."""
+        self.row.clear()
+        self.held = [[] for _ in self.held]
+
+    def _forward(self, ids: list[list[int]], cache, keep: int | torch.Tensor = 1, **kw) -> torch.Tensor:
+        """One forward over new tokens after the cached ones (the cache is written in place); logits at `keep`."""
+        ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, device=self.rt.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep,
+                         **{self.cache_kw: cache}, **kw)
+        return out.logits.float()
 
     def _pick(self, logits: torch.Tensor) -> list[int]:
         """argmax, or at a temperature plain sampling (no top-k/top-p: as generate() in inspection)."""
@@ -1335,59 +1354,130 @@ class PrefixCachedPolicy:
 
     def act(self, keys: list, prompts: list[list[int]], keep_absent: bool = False) -> list[str]:
         """Replies to prompt ids, each continuing the cache held under its key (keep_absent: keep the others too)."""
+        if len(set(keys)) < len(keys):
+            raise ValueError("PrefixCachedPolicy.act: each key at most once per call")
         with torch.no_grad(), self.rt.autocast():  # one autocast region: bf16 weight casts once per call
             return self._act(keys, prompts, keep_absent)
 
+    def _rows(self, keys: list, keep_absent: bool) -> list[int]:
+        """Each key's row: kept where it has one, else a free one; without keep_absent the others are dropped and the
+        keys end up in rows 0 .. len(keys) - 1 (a row moved down is one copy per layer, when an episode ends)."""
+        if not keep_absent:
+            kept = {k: self.row[k] for k in keys if k in self.row}
+            for r in set(self.row.values()) - set(kept.values()):
+                self.held[r] = []  # a dropped episode's row: free, holding nothing
+            self.row = kept
+        used = set(self.row.values())
+        free = iter(r for r in range(len(keys) + len(used)) if r not in used)
+        for key in keys:
+            if key not in self.row:
+                self.row[key] = next(free)
+                self._reserve(self.row[key] + 1, 0)
+                self.held[self.row[key]] = []
+        if not keep_absent:
+            low = iter(r for r in range(len(keys)) if r not in set(self.row.values()))
+            for key in keys:
+                if (old := self.row[key]) >= len(keys):  # down into a free low row, its columns with it
+                    r, L = next(low), len(self.held[old])
+                    for layer in self.cache.layers:
+                        for buf in layer.kv:
+                            buf[r, :, :L] = buf[old, :, :L]
+                    self.held[r], self.held[old], self.row[key] = self.held[old], [], r
+        return [self.row[k] for k in keys]
+
+    def _reserve(self, rows: int, columns: int) -> None:
+        """Grow the cache to at least rows x columns (by copying, rarely: capacity grows in steps) and the held list."""
+        self.held += [[] for _ in range(rows - len(self.held))]
+        s = self.state
+        if rows <= s.rows and columns <= s.columns:
+            return
+        grow = max(columns, s.columns * 3 // 2) if columns > s.columns else s.columns  # geometric: few copies
+        s.rows, s.columns = max(-(-rows // 8) * 8, s.rows), -(-grow // 256) * 256
+        for layer in self.cache.layers:
+            old = layer.kv
+            layer.kv = [buf.new_zeros(s.rows, buf.shape[1], s.columns, buf.shape[3]) for buf in old]
+            for new, buf in zip(layer.kv, old):
+                new[:buf.shape[0], :, :buf.shape[2]] = buf
+        if self.graphs:
+            self.graphs.clear()  # they read and write the old buffers
+
     def _act(self, keys: list, prompts: list[list[int]], keep_absent: bool) -> list[str]:
         self.model.eval()
-        dev, B = self.rt.device, len(keys)
-        # 1. what each episode's cache can keep: the longest common prefix of the ids it holds and the new prompt
-        held, n, seen = [], [], set()
-        for key, ids in zip(keys, prompts):
-            ids_held, kv = self.caches.get(key, ([], [])) if key not in seen else ([], [])
-            seen.add(key)
-            k = next((j for j, (a, b) in enumerate(zip(ids_held, ids)) if a != b), min(len(ids_held), len(ids)))
-            held.append(kv)
-            n.append(min(k, len(ids) - 1))  # at least one prompt token goes through the model
-        # 2. one prefill for all: kept K/V left-padded to S columns, then the new tokens right-padded to M; the
-        #    padding is masked out and position_ids continue each episode's own positions
-        S, new = max(n), [ids[k:] for ids, k in zip(prompts, n)]
-        M, lens = max(map(len, new)), torch.tensor([len(p) for p in prompts], device=dev)
-        cache = reserved_cache(S + M + self.max_new_tokens)
-        if S:  # the kept K/V right-aligned in the first S columns, zeros (masked out) before them
-            for layer, (k0, v0) in enumerate(next(kv for kv, k in zip(held, n) if k)):
-                K, V = (x.new_zeros(B, x.shape[1], S, x.shape[3]) for x in (k0, v0))
-                for i in (i for i in range(B) if n[i]):
-                    K[i, :, S - n[i]:], V[i, :, S - n[i]:] = (x[0, :, :n[i]] for x in held[i][layer])
-                cache.update(K, V, layer)
-        col = torch.arange(S + M, device=dev)[None]
-        k_t, m_t = torch.tensor(n, device=dev)[:, None], torch.tensor(list(map(len, new)), device=dev)[:, None]
-        mask = ((col >= S - k_t) & (col < S + m_t)).long()  # (B, S + M)
-        last = sorted({len(x) - 1 for x in new})  # the columns whose logits are read: each episode's last prompt token
-        logits = self._forward([x + [0] * (M - len(x)) for x in new], cache, torch.tensor(last, device=dev),
-                               position_ids=k_t + torch.arange(M, device=dev)[None], attention_mask=mask)
-        first = self._pick(logits[range(B), [last.index(len(x) - 1) for x in new]])
-        # 3. decode all episodes together, until each reply ends (an end token, or its action can no longer change)
+        dev, rows = self.rt.device, self._rows(keys, keep_absent)
+        R = max(rows) + 1  # rows run: the call's, and any kept row between them (fed padding, its cache untouched)
+        if self.graphs is not None:
+            R = -(-R // 8) * 8  # fewer graph shapes: rows in steps of 8
+        self._reserve(R, 0)
+        # 1. each row is cut back to the longest common prefix of the ids it holds and the new prompt (at least one
+        #    prompt token goes through the model); its new tokens are the rest
+        new: list[list[int]] = [[] for _ in range(R)]
+        length = [len(self.held[r]) for r in range(R)]  # columns each row holds
+        for r, ids in zip(rows, prompts):
+            k = next((j for j, (a, b) in enumerate(zip(self.held[r], ids)) if a != b), min(len(self.held[r]), len(ids)))
+            length[r] = min(k, len(ids) - 1)
+            new[r] = ids[length[r]:]
+        M = max(map(len, new))
+        self._reserve(R, max(length) + M + self.max_new_tokens)
+        # 2. one prefill for all rows: row r's token j at column = position length[r] + j; a kept row not in this
+        #    call gets padding past its columns
+        cols = torch.tensor(length, device=dev)[:, None] + torch.arange(M, device=dev)  # (R, M)
+        self.state.cols, self.state.hi = cols, max(length) + M
+        mask = torch.arange(self.state.hi, device=dev) <= cols[:, :, None]  # (R, M, hi): own columns up to itself
+        last = sorted({len(new[r]) - 1 for r in rows})  # the columns whose logits are read: each row's last new token
+        logits = self._forward([x + [0] * (M - len(x)) for x in new], self.cache, torch.tensor(last, device=dev),
+                               position_ids=cols, attention_mask=mask[:, None])
+        first = self._pick(logits[rows, [last.index(len(new[r]) - 1) for r in rows]])
+        for r, ids in zip(rows, prompts):
+            self.held[r], length[r] = list(ids), len(ids)
+        # 3. decode all episodes together, until each reply ends (an end token, or its action can no longer change);
+        #    a row feeds its last token at its next column, rows that have ended or are not in the call write past
+        #    their columns and do not advance
         replies = [[t] for t in first]
         live = [t not in self.eos and not self._final([t]) for t in first]
-        for s in range(1, self.max_new_tokens):
+        for _ in range(1, self.max_new_tokens):
             if not any(live):
                 break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-            logits = self._forward([[ts[-1]] for ts in replies], cache, attention_mask=mask,
-                                   position_ids=(lens + s - 1)[:, None])  # each episode's own next position
-            for i, t in enumerate(self._pick(logits[:, -1])):
+            feed = [[0, n] for n in length]  # (token, column) per row
+            for i, r in enumerate(rows):
+                feed[r][0] = replies[i][-1]
+            logits = self._decode(torch.tensor(feed, device=dev), max(length) + 1)
+            for i, t in enumerate(self._pick(logits[rows])):
                 if live[i]:
+                    self.held[rows[i]].append(replies[i][-1])
+                    length[rows[i]] += 1
                     replies[i].append(t)
                     live[i] = t not in self.eos and not self._final(replies[i])
-        # 4. keep each episode's own cache: its prompt and the reply tokens fed back (all but the last)
-        self.caches = self.caches if keep_absent else {}
-        for i, (key, ids) in enumerate(zip(keys, prompts)):
-            keep = torch.cat([torch.arange(S - n[i], S + len(new[i]), device=dev),  # kept K/V, new prompt, reply
-                              torch.arange(S + M, S + M + len(replies[i]) - 1, device=dev)])  # made on the device
-            self.caches[key] = (ids + replies[i][:-1], [(layer.keys[i:i + 1, :, keep], layer.values[i:i + 1, :, keep])
-                                                         for layer in cache.layers])
         return [self.tok.decode(ts, skip_special_tokens=True).strip() for ts in replies]
+
+    def _decode(self, feed: torch.Tensor, hi: int) -> torch.Tensor:
+        """One decode step of every row, feed (R, 2) = (token, column), attending to the first hi columns: logits
+        (R, V). As a CUDA graph where enabled: all reserved columns attended (fixed shapes), one graph per R."""
+        if self.graphs is None:
+            return self._step(feed, hi)
+        key = (feed.shape[0], self.state.columns)
+        if key not in self.graphs:  # captured under autocast without its weight cache (torch.cuda.graphs' advice)
+            x = feed.clone()
+            amp = torch.autocast("cuda", self.rt.dtype, cache_enabled=False) if self.rt.dtype != torch.float32 \
+                else nullcontext()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), amp:  # warm-up off the capture (it writes only past each row's columns)
+                self._step(x, self.state.columns)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), amp:
+                out = self._step(x, self.state.columns)
+            self.graphs[key] = (graph, x, out)
+        graph, x, out = self.graphs[key]
+        x.copy_(feed)
+        graph.replay()
+        return out
+
+    def _step(self, feed: torch.Tensor, hi: int) -> torch.Tensor:
+        col = feed[:, 1:]  # (R, 1): each row's next column, also its position
+        self.state.cols, self.state.hi = col, hi
+        mask = torch.arange(hi, device=col.device) <= col  # (R, hi)
+        return self._forward(feed[:, :1], self.cache, attention_mask=mask[:, None, None], position_ids=col)[:, -1]
 
     def _final(self, reply: list[int]) -> bool:
         """The reply's action (and thought) can no longer change: stop decoding it (its text is checked at newlines)."""

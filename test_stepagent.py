@@ -622,6 +622,26 @@ def test_token_budget_packing_trains_as_padded_rows_do(stage):
     assert (params - torch.cat([p.flatten() for p in tiny_model("sdpa").parameters()])).abs().max() > 1e-4  # trained
 
 
+def test_compile_flag_trains_as_eager():
+    """--compile (the training forwards through torch.compile, dynamic shapes: packed rows change length from step to
+    step) gives eager mode's SFT losses and parameters, on rows packed by --tokens-per-batch (CPU: inductor, fp32)."""
+    trajs = [make_traj(n, seed=90 + i) for i, n in enumerate([3, 2, 4, 1])]
+    encs = [encode(t) for t in trajs]
+    cfg = small_cfg(lr=1e-3, batch_size=2, grad_accum=1, tokens_per_batch=len(encs[0].input_ids) + 60, epochs=1)
+    runs = []
+    for compile_ in (False, True):
+        model, run, rt = tiny_model("sdpa"), NullRun(), replace(CPU, compile=compile_)
+        sa.train_sft(cfg, rt, model, encs, run, None)
+        assert (getattr(rt.ddp, "_orig_mod", None) is model) == compile_  # torch.compile's wrapper, kept
+        runs.append((run.lines, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    (lines, params), (lines_c, params_c) = runs
+    assert len(lines) == len(lines_c) > 1 and len({x["sft/tokens"] for x in lines}) > 1  # steps of different lengths
+    for a, b in zip(lines, lines_c):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    diff = (params - params_c).abs()  # Adam's first step is lr·g/|g|: float noise moves it only where g ≈ 0
+    assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-3
+
+
 def test_flex_attention_block_mask_equals_the_dense_tree_mask():
     """--attn flex_attention: the tree mask as a block-sparse BlockMask (one per layer type) gives the dense mask's
     log-probs and hidden states, with several trajectories and their branches in one row (fp32; CPU runs it forward
@@ -805,9 +825,22 @@ def test_batched_generation_equals_one_prompt_at_a_time():
     assert batched == alone and all(batched) and len(set(batched)) > 1
 
 
-def test_prefix_cached_acting_equals_re_encoding_every_turn():
+class FixedShapes(sa.PrefixCachedPolicy):
+    """What a CUDA graph replays (--cuda-graphs), run eagerly: rows in steps of 8, every reserved column attended."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.graphs = {}
+
+    def _decode(self, feed, hi):
+        return self._step(feed, self.state.columns)
+
+
+@pytest.mark.parametrize("policy", [sa.PrefixCachedPolicy, FixedShapes])
+def test_prefix_cached_acting_equals_re_encoding_every_turn(policy):
     """Evaluation's KV-cached policy gives each episode the greedy reply of a fresh generate over its whole history,
-    turn after turn, while episodes end, join, and a history changes under it; and it prefills only what is new."""
+    turn after turn, while episodes end, join, move down to a free row, and a history changes under it; it prefills
+    only what is new; and the decode step a CUDA graph would replay (fixed shapes) gives the same replies."""
     tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
     with torch.no_grad():  # a random final-norm gain: greedy replies depend on the prompt (see the test above)
         model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
@@ -815,21 +848,24 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn():
     first = torch.tensor([encode_prompt(tok, episodes[1], 1)])
     stop = model.generate(first, max_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)[0, -1].item()
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]  # a second end token: replies end unevenly
-    cached = sa.PrefixCachedPolicy(model, tok, CPU, max_new_tokens=6)
+    cached = policy(model, tok, CPU, max_new_tokens=6)
     fed, forward = [], cached._forward
     cached._forward = lambda ids, cache, *a, **kw: fed.append([len(x) for x in ids]) or forward(ids, cache, *a, **kw)
-    prompt_tokens, lengths = 0, set()
-    for turn in range(4):
+    prompt_tokens, lengths, rows, said = 0, set(), [], set()
+    for turn in range(5):
         if turn == 2:  # game0 ends, game3 starts, game1's history is rewritten (not an extension of the cached one)
             del episodes[0]
             episodes[3] = make_traj(1, seed=99, tid="game3")
             episodes[1].steps[0] = Step("open drawer 2", "Nothing happens.", "")
+        if turn == 4:  # game1 and game3 end: game2 moves down to row 0 with its columns
+            del episodes[1], episodes[3]
         hs = [replace(h, steps=list(h.steps)) for h in episodes.values()]
         prompts = [encode_prompt(tok, h, len(h.steps)) for h in hs]
         replies = cached(hs)
         assert replies == [sa.generate(model, tok, CPU, [p], 0.0, 6, 1, seed=0)[0] for p in prompts], turn
+        rows.append([cached.row[h.id] for h in hs])
         for h in hs:  # what each episode keeps (RoPE'd keys, values) is exactly a fresh forward over its ids
-            ids, kv = cached.caches[h.id]
+            ids, kv = cached.kept(h.id)
             with torch.no_grad():
                 fresh = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
             for (k, v), layer in zip(kv, fresh.layers, strict=True):
@@ -838,36 +874,53 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn():
             h.steps.append(Step(parse_action(reply) or "look", "You see a shelf 1.", ""))
         prompt_tokens += sum(map(len, prompts))
         lengths |= {len(tok(r)["input_ids"]) for r in replies}
-    assert len(set(replies)) > 1 and len(lengths) > 1
+        said |= set(replies)
+    assert len(said) > 1 and len(lengths) > 1
+    assert rows == [[0, 1, 2], [0, 1, 2], [1, 2, 0], [1, 2, 0], [0]]  # game3 took game0's row; game2 moved down
     prefills = [x for x in fed if max(x) > 1]
-    assert len(prefills) == 4 and all(len(x) == 3 for x in prefills)  # one prefill per turn, all episodes together
+    width = 8 if policy is FixedShapes else 3  # rows run: the call's (in steps of 8 for a graph)
+    assert [len(x) for x in prefills] == [width] * 4 + [8 if policy is FixedShapes else 1]  # one prefill per turn
     assert 0 < sum(map(max, prefills)) < prompt_tokens / 4  # most of each history came from the cache
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reserved_cache_decodes_bit_for_bit_as_dynamic_cache(dtype):
-    """The cached policy's KV cache writes into reserved columns (held in the autocast dtype) where transformers'
-    DynamicCache concatenates: the same logits to the last bit, through a padded prefill, decode steps and past the
-    reservation; and act() gives the same replies in bf16 autocast as one generate() per history."""
+def test_slot_cache_decodes_as_dynamic_cache(dtype):
+    """The cached policy's KV cache writes each row at its own columns (held in the autocast dtype) where transformers'
+    DynamicCache concatenates: the same logits for rows of different lengths, through a padded prefill, decode steps
+    and growth past the reservation; and act() gives the same replies in bf16 autocast as one generate() per history."""
     from transformers import DynamicCache
 
     tok, model, rt = tiny_tokenizer(), tiny_model("sdpa", seed=1).eval(), replace(CPU, dtype=dtype)
-    kw = sa.PrefixCachedPolicy(model, tok, rt, 1).cache_kw  # `cache` in newer transformers, else past_key_values
+    policy = sa.PrefixCachedPolicy(model, tok, rt, 1)
     ids = torch.randint(5, 100, (3, 12), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(3, 12, dtype=torch.long)
-    mask[0, :4] = 0  # a left-padded row
+    lens = [8, 12, 10]  # row i holds its first lens[i] tokens
     logits = {}
-    for name, cache in [("dynamic", DynamicCache()), ("reserved", sa.reserved_cache(14))]:  # 12 + 5 > 14: it grows
-        m, out = mask, []
-        with torch.no_grad(), rt.autocast():
-            for s in range(6):
-                m = m if s == 0 else torch.cat([m, m.new_ones(3, 1)], 1)
-                x = ids if s == 0 else torch.full((3, 1), 7 + s)
-                out.append(model(input_ids=x, attention_mask=m, **{kw: cache}).logits[:, -1].float())
-        logits[name] = torch.stack(out)
-        assert cache.get_seq_length() == 17
-    assert torch.equal(logits["dynamic"], logits["reserved"])
-    assert cache.layers[0].keys.dtype == dtype  # bf16 K/V: what sdpa under autocast casts them to anyway
+    with torch.no_grad(), rt.autocast():
+        ref = []  # each row alone through DynamicCache: its prompt, then the same decoded tokens
+        for i, n in enumerate(lens):
+            cache, out = DynamicCache(), []
+            out.append(model(input_ids=ids[i:i + 1, :n], use_cache=True, **{policy.cache_kw: cache}).logits[0, -1])
+            for s in range(5):
+                out.append(model(input_ids=torch.tensor([[7 + s]]), **{policy.cache_kw: cache}).logits[0, -1])
+            ref.append(torch.stack(out).float())
+        logits["dynamic"] = torch.stack(ref)  # (3, 6, V)
+        policy._reserve(3, 1)  # 256 columns at first: grow past them below
+        policy.state.columns = 14
+        new = [ids[i, :n].tolist() for i, n in enumerate(lens)]
+        cols = torch.arange(12)[None].expand(3, 12)
+        policy.state.cols, policy.state.hi = cols, 12
+        out = policy._forward([x + [0] * (12 - len(x)) for x in new], policy.cache, torch.tensor([7, 9, 11]),
+                              position_ids=cols, attention_mask=(torch.arange(12) <= cols[:, :, None])[:, None])
+        steps = [out[[0, 1, 2], [0, 2, 1]]]
+        for s in range(5):
+            if s == 2:
+                policy._reserve(3, 300)  # past the reservation: the buffers grow by copying
+            feed = torch.tensor([[7 + s, n + s] for n in lens])
+            steps.append(policy._decode(feed, max(lens) + s + 1))
+        logits["slot"] = torch.stack(steps, 1)
+    torch.testing.assert_close(logits["slot"], logits["dynamic"], atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-4)
+    assert policy.cache.layers[0].kv[0].dtype == dtype and policy.state.columns == 512
     if dtype == torch.bfloat16:
         with torch.no_grad():  # a random final-norm gain: greedy replies depend on the prompt
             model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))

@@ -65,6 +65,7 @@ class Sizes:
     gpu_models: tuple[str, ...] = ("135m", "1b")  # row 4: random-init Llama shapes from GPU_MODELS
     gpu_tokens_per_batch: int = 16384  # row 4, new path: --tokens-per-batch (real tokens per packed row)
     gpu_repeats: int = 3  # row 4: timed steps per setting, after one warm-up step
+    gpu_paths: tuple[str, ...] = ("old", "new", "compiled")  # row 4: compiled = the new path with --compile
 
 
 QUICK = Sizes(models=("tiny",), trajectories={"tiny": 1}, quantile={"tiny": 0.0}, repeats={"tiny": 1},
@@ -362,8 +363,9 @@ def tree_packs(encs: list, groups: list, micro: list[list], one_row: bool, dev) 
 
 def gpu_rows(sizes: Sizes, data_dir: str, peak_tflops: float, device: str = "cuda") -> dict:
     """Row 4: SFT and implicit-reflection steps over gpu_trajectories median trajectories, on the old path (sdpa with
-    dense masks, one row per trajectory padded to the longest, AdamW) and the new one (--tokens-per-batch rows, the
-    FlexAttention BlockMask, fused AdamW), in bf16 and fp16 + GradScaler: MFU, tokens/s and peak memory."""
+    dense masks, one row per trajectory padded to the longest, AdamW), the new one (--tokens-per-batch rows, the
+    FlexAttention BlockMask, fused AdamW) and the new one torch.compile'd as --compile does (sizes.gpu_paths), in bf16
+    and fp16 + GradScaler: MFU, tokens/s and peak memory."""
     dev, out = torch.device(device), {"peak_tflops": peak_tflops}
     cuda = dev.type == "cuda"
     for name in sizes.gpu_models:
@@ -376,13 +378,15 @@ def gpu_rows(sizes: Sizes, data_dir: str, peak_tflops: float, device: str = "cud
         tree_sizes = [max(enc.action_spans[i.t][1] for i in its) + sum(len(i.agent_ids) for i in its)
                       for enc, (_, its) in zip(encs, groups)]
         out[name] = {"params_M": sum(p.numel() for p in params) / 1e6}
-        for path in ("old", "new"):
-            budget = sizes.gpu_tokens_per_batch if path == "new" else 0
+        for path in sizes.gpu_paths:
+            budget = sizes.gpu_tokens_per_batch if path != "old" else 0
             one_row = budget > 0
-            attn = "flex_attention" if path == "new" and cuda else "sdpa"  # FlexAttention has no CPU backward
+            attn = "flex_attention" if path != "old" and cuda else "sdpa"  # FlexAttention has no CPU backward
             model.set_attn_implementation(attn)
             ref.set_attn_implementation(attn)
-            opt = torch.optim.AdamW(params, lr=1e-5, fused=path == "new" and cuda)
+            opt = torch.optim.AdamW(params, lr=1e-5, fused=path != "old" and cuda)
+            # --compile: the forwards through torch.compile (dynamic: packed lengths vary), as stepagent.wrap_ddp
+            pi, pi_ref = (torch.compile(m, dynamic=True) for m in (model, ref)) if path == "compiled" else (model, ref)
             sft_micro = stepagent.token_batches(encs, [e.action_spans[-1][1] for e in encs], budget, len(encs))
             sft_packs = [stepagent.pack_tree(mb, [list(range(len(e.action_spans))) for e in mb], [[] for _ in mb],
                                              dev, one_row) for mb in sft_micro]
@@ -395,15 +399,15 @@ def gpu_rows(sizes: Sizes, data_dir: str, peak_tflops: float, device: str = "cud
             def sft(rt):
                 for m, packed in enumerate(sft_packs):
                     with rt.autocast():
-                        loss = stepagent.nll_loss(stepagent.action_logps(model, packed)["tok_logp"], n_tok)
+                        loss = stepagent.nll_loss(stepagent.action_logps(pi, packed)["tok_logp"], n_tok)
                     stepagent.optimizer_step(loss, opt, rt, params, 1.0, accumulate=m < len(sft_packs) - 1)
 
             def reflect(rt):  # as reflect_implicit: π_ref's log-probs first, then π_θ and L_imp per micro-batch
                 n_pairs = sum(len(its) for _, its in groups)
                 with torch.no_grad():
-                    refs = [stepagent.pair_logps(ref, encs, mb, "tree", rt, one_row=one_row) for mb in ref_micro]
+                    refs = [stepagent.pair_logps(pi_ref, encs, mb, "tree", rt, one_row=one_row) for mb in ref_micro]
                 for m, (mb, lr) in enumerate(zip(ref_micro, refs)):
-                    lp = stepagent.pair_logps(model, encs, mb, "tree", rt, one_row=one_row)
+                    lp = stepagent.pair_logps(pi, encs, mb, "tree", rt, one_row=one_row)
                     loss, _ = stepagent.implicit_reward_loss(lp["logp_e"], lp["logp_a"], lr["logp_e"], lr["logp_a"],
                                                              BETA)
                     weight = sum(len(its) for _, its in mb) / n_pairs
@@ -413,7 +417,8 @@ def gpu_rows(sizes: Sizes, data_dir: str, peak_tflops: float, device: str = "cud
             for prec, dtype in precisions.items():  # fp32 only when called on a CPU to check the code path
                 rt = stepagent.Runtime(dev, dtype, scaler=torch.amp.GradScaler("cuda") if prec == "fp16" else None)
                 for kind, fn in (("sft", sft), ("reflect", reflect)):
-                    fn(rt)  # warm-up: kernels, FlexAttention compilation for these shapes, AdamW state
+                    t_warm = now(rt)
+                    fn(rt)  # warm-up: kernels, FlexAttention compilation for these shapes, AdamW state, torch.compile
                     if cuda:
                         torch.cuda.reset_peak_memory_stats()
                     t0 = now(rt)
@@ -425,10 +430,11 @@ def gpu_rows(sizes: Sizes, data_dir: str, peak_tflops: float, device: str = "cud
                         "mfu": flops[kind] / sec / peak_tflops / 1e12 if peak_tflops else None,
                         "peak_mb": peak_mb(rt),
                         "rows": sum(p["input_ids"].shape[0] for p in (sft_packs if kind == "sft" else packs)),
+                        "warmup_seconds": t0 - t_warm,
                         "tokens": tokens[kind], "attn": attn}
                     print(f"row 4 {name} {path}/{kind}/{prec}: " + json.dumps(out[name][f"{path}/{kind}/{prec}"]),
                           flush=True)  # a run cut off by a time limit keeps what it measured in its log
-        del model, ref, opt
+        del model, ref, opt, pi, pi_ref
         if cuda:
             torch.cuda.empty_cache()
     return out
@@ -477,7 +483,7 @@ def table(res: dict, sizes: Sizes) -> str:
                 continue
             path, kind, prec = key.split("/")
             mfu = f"MFU {r['mfu']:.1%}" if r["mfu"] is not None else "MFU n/a (pass --peak-tflops)"
-            if path == "new":
+            if path != "old" and f"old/{kind}/{prec}" in m:
                 mfu += f"; {m[f'old/{kind}/{prec}']['seconds'] / r['seconds']:.2f}x the old path's speed"
             lines.append(f"| 4 GPU | {name} ({m['params_M']:.0f}M) | {kind} {prec}, {path} path ({r['attn']}, "
                          f"{r['rows']} rows) | {r['tokens']:,} tok/step, {r['tflops']:.3g} TFLOP/s | "

@@ -5,7 +5,7 @@ bookkeeping, and the harness (engine steps, game starts, pipes), for one policy 
     python bench/eval_breakdown.py --dtype bf16 --checkpoint RUN/ckpt-N --games 24 --batch 24 --new-tokens 24
     python bench/eval_breakdown.py --engine     # one engine alone: game load + reset, and a step, in this process
     python bench/eval_breakdown.py --inspect 4  # inspection of 4 trajectories: generate() vs the KV-cached policy
-    python bench/eval_breakdown.py --decode 24 1000 --dtype bf16   # a decode step: DynamicCache vs reserved columns
+    python bench/eval_breakdown.py --decode 24 1000 --dtype bf16   # a decode step: DynamicCache vs the slot cache
     STEPAGENT_BENCH_CODE=DIR python bench/eval_breakdown.py ...   # the same for the code in DIR (e.g. bench.OLD's)
 
 Times are wall seconds in the policy's process (on CUDA each timed call synchronizes, so a kernel's time counts where
@@ -91,29 +91,44 @@ def inspection_speed(model_name: str, n: int, new_tokens: int) -> None:
 
 def decode_step(model_name: str, rows: int, columns: int, dtype: str, steps: int = 12) -> None:
     """One decode step of `rows` episodes after `columns` cached tokens: transformers' DynamicCache (a torch.cat of the
-    whole cache per layer per token) vs stepagent.reserved_cache (in-place writes), same prefill, same inputs."""
+    whole cache per layer per token) vs the cached policy's slot cache (each row written in place at its own column),
+    and on CUDA the slot cache's step replayed as a CUDA graph (--cuda-graphs); same prefill, same fed tokens."""
     rt = stepagent.setup_runtime(stepagent.Config(dtype=dtype))
     model, tok = bench.load_model(model_name, rt)
-    cache_kw = stepagent.PrefixCachedPolicy(model, tok, rt, 1).cache_kw  # `cache` in newer transformers
-    ids = torch.randint(100, 40_000, (rows, columns), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), rt.autocast():
-        prefill = getattr(model(input_ids=ids, use_cache=True), cache_kw)
-        reserved = stepagent.reserved_cache(columns + steps)
-        for layer, kv in enumerate(prefill.layers):
-            reserved.update(kv.keys.clone(), kv.values.clone(), layer)
+    dev = rt.device
+    ids = torch.randint(100, 40_000, (rows, columns), generator=torch.Generator().manual_seed(0)).to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     result = {}
-    for name, cache in (("DynamicCache", prefill), ("reserved", reserved)):
-        mask, logits, t0 = torch.ones(rows, columns, dtype=torch.long), [], time.perf_counter()
+    for name in ("DynamicCache", "slot cache") + (("slot cache, CUDA graph",) if dev.type == "cuda" else ()):
+        policy = stepagent.PrefixCachedPolicy(model.eval(), tok, rt, steps, graphs=name.endswith("graph"))
+        logits = []
         with torch.no_grad(), rt.autocast():
-            for s in range(steps):
-                mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
-                out = model(input_ids=torch.full((rows, 1), 5 + s), attention_mask=mask,
-                            position_ids=torch.full((rows, 1), columns + s), **{cache_kw: cache})
-                logits.append(out.logits[:, -1].float())
-        result[name] = (1000 * (time.perf_counter() - t0) / steps, torch.stack(logits))
-    (t_dyn, l_dyn), (t_res, l_res) = result.values()
-    print(f"{model_name} ({dtype}), {rows} rows after {columns} columns: DynamicCache {t_dyn:.1f} ms per decode step, "
-          f"reserved {t_res:.1f} ms ({t_dyn / t_res:.2f}x); logits equal to the bit: {torch.equal(l_dyn, l_res)}")
+            if name == "DynamicCache":
+                cache = getattr(model(input_ids=ids, use_cache=True), policy.cache_kw)
+                step = lambda s: model(input_ids=torch.full((rows, 1), 5 + s, device=dev),  # noqa: E731
+                                       attention_mask=torch.ones(rows, columns + s + 1, dtype=torch.long, device=dev),
+                                       position_ids=torch.full((rows, 1), columns + s, device=dev),
+                                       **{policy.cache_kw: cache}).logits[:, -1].float()
+            else:  # the policy's own prefill of `rows` prompts, then its decode step
+                policy._reserve(rows, columns + steps + 1)
+                cols = torch.arange(columns, device=dev)[None].expand(rows, columns)
+                policy.state.cols, policy.state.hi = cols, columns
+                policy._forward(ids, policy.cache, 1, position_ids=cols,
+                                attention_mask=(torch.arange(columns, device=dev) <= cols[:, :, None])[:, None])
+                step = lambda s: policy._decode(torch.tensor([[5 + s, columns + s]] * rows, device=dev),  # noqa: E731
+                                                columns + s + 1)
+            step(0)  # warm-up (a graph's capture)
+            sync()
+            t0 = time.perf_counter()
+            for s in range(1, steps):
+                logits.append(step(s).clone())
+            sync()
+        result[name] = (1000 * (time.perf_counter() - t0) / (steps - 1), torch.stack(logits))
+    base, l0 = result["DynamicCache"]
+    print(f"{model_name} ({dtype}, {dev.type}), {rows} rows after {columns} columns, ms per decode step: " +
+          ", ".join(f"{k} {t:.1f} ({base / t:.2f}x)" for k, (t, _) in result.items()) +
+          "; greatest logit difference to DynamicCache: " +
+          ", ".join(f"{k} {(l - l0).abs().max().item():.2g}" for k, (_, l) in list(result.items())[1:]))
 
 
 def engine_breakdown(n_steps: int = 18) -> None:
@@ -140,7 +155,7 @@ if __name__ == "__main__":
     p.add_argument("--engine", action="store_true", help="time one engine alone instead")
     p.add_argument("--inspect", type=int, default=0, metavar="N", help="time inspection of N trajectories instead")
     p.add_argument("--decode", nargs=2, type=int, metavar=("ROWS", "COLUMNS"),
-                   help="time one decode step with transformers' DynamicCache vs the reserved cache instead")
+                   help="time one decode step with transformers' DynamicCache vs the slot cache instead")
     a = p.parse_args()
     if a.decode:
         decode_step(a.model, *a.decode, a.dtype)

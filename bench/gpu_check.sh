@@ -21,11 +21,15 @@
 # train: bench row 4 for the 135M at 32 trajectories a step (MFU, tokens/s, peak memory; old vs new path; bf16 and
 #        fp16 + GradScaler), then the SFT on all expert data with its 32 trajectories a step in one forward, on the
 #        old path and on the new one (--tokens-per-batch, FlexAttention block masks; the target is <= 40 s). ROW4=0:
-#        the SFT runs only (row 4 ran in the setup call with .gputok).
+#        the SFT runs only (row 4 ran in the setup call with .gputok). Row 4 also times the new path torch.compile'd
+#        (--compile); SFT_PATHS="new compiled" runs the real SFT that way instead of old and new.
 # fsdp:  issue 14: a random-init 1.2B Llama trains (SFT, then one implicit cycle) at world size 1 with --dist ddp,
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
 # inspect: the eval mode's inspection timing (default groups, then 64 at a time), with CKPT=dir, the sweep's N = all
 #        warm start, or else a 1-epoch SFT on 400 trajectories trained first.
+# graphs: --cuda-graphs (the cached policy's decode steps replayed as CUDA graphs): one decode step of 64 rows after
+#        1,000 columns (DynamicCache, slot cache, graph), the 134 valid_unseen games without and with it (wall seconds,
+#        same actions per game), inspection of 400 trajectories with and without it; CKPT or a checkpoint as inspect
 # breakdown: bench/eval_breakdown.py on the GPU with that checkpoint (render, prefill, decode, cache bookkeeping,
 #        harness; 64 games at once, 40 turns), and one engine alone. In one call after the setup calls:
 #        . /root/w/env.sh && bash bench/gpu_check.sh inspect $OUT; bash bench/gpu_check.sh breakdown $OUT
@@ -36,26 +40,27 @@
 #        (SWEEP_SPLITS) plays it with its kept checkpoint.
 # Every mode's OUT also comes back whole as OUT/all.tar.gz (the link returns 8 files, 2 folders down).
 set -uo pipefail
-mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep|inspect|breakdown OUT}
+mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep|inspect|breakdown|graphs OUT}
 out=${2:?usage: bench/gpu_check.sh MODE OUT}
 mkdir -p "$out"
 quiet() { tr '\r' '\n' | grep -v 'it/s\]'; }
 sft=(--preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 0)
 inspect_400() {  # inspection of every expert prefix of 400 trajectories with checkpoint $1, timed (target <= 30 s):
   # the default groups (inspect_group: what GPU memory holds), then 64 trajectories at a time (--gen-batch-size 64)
-  python - "$1" >> "$out/inspect.json" 2>> "$out/inspect.log" <<'PY'
-import contextlib, json, sys, time
+  timeout "${INSPECT_TIMEOUT:-600}" python - "$1" >> "$out/inspect.json" 2>> "$out/inspect.log" <<'PY'
+import contextlib, json, os, sys, time
 import data, stepagent as sa
 with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
     rt = sa.setup_runtime(sa.Config())
     model, tok = sa.load_policy(sys.argv[1], rt)
 encs, _ = data.encode_dataset(tok, data.load_trajectories(data.default_expert_path("alfworld"))[:400], 2048)
-for gen_batch_size in (0, 64):
-    cfg = sa.Config(temperature=1.0, gen_batch_size=gen_batch_size)
+graphs = os.environ.get("CUDA_GRAPHS") == "1"  # the default groups with --cuda-graphs, then without
+for gen_batch_size, cuda_graphs in ((0, True), (0, False)) if graphs else ((0, False), (64, False)):
+    cfg = sa.Config(temperature=1.0, gen_batch_size=gen_batch_size, cuda_graphs=cuda_graphs)
     t0 = time.time()
     items = sa.inspect(cfg, rt, model, tok, encs, cycle=1)
     print(json.dumps({"trajectories": len(encs), "prefixes": len(items), "seconds": time.time() - t0,
-                      "group": sa.inspect_group(cfg, rt, model),
+                      "group": sa.inspect_group(cfg, rt, model), "cuda_graphs": cuda_graphs,
                       "agreement": sum(i.agree for i in items) / len(items)}), flush=True)
 PY
 }
@@ -79,8 +84,9 @@ elif [ "$mode" = train ]; then  # what the 2026-11-27 row 4 left open (bench/RES
   [ "${ROW4:-1}" = 0 ] || python bench/bench.py --rows 4 --size 'gpu_models=["135m"]' --size gpu_trajectories=32 \
     --size gpu_tokens_per_batch=65536 --out "$out/results-gpu-row4-135m-32traj.json" 2>&1 | quiet > "$out/row4.log"
   one=(--batch-size 32 --grad-accum 1)  # the same 32 trajectories per optimizer step, in one forward instead of 4
-  for path in old new; do
-    more=(); [ $path = new ] && more=(--tokens-per-batch 32768 --attn flex_attention)
+  for path in ${SFT_PATHS:-old new}; do  # SFT_PATHS="new compiled": the new path, then with --compile
+    more=(); [ $path != old ] && more=(--tokens-per-batch 32768 --attn flex_attention)
+    [ $path = compiled ] && more+=(--compile)
     timeout 200 /usr/bin/time -v python stepagent.py "${sft[@]}" "${one[@]}" "${more[@]}" --out /root/w/runs/sft-$path \
       --eval-games 0 2>&1 | quiet > "$out/sft-$path.log"
     cp /root/w/runs/sft-$path/metrics.jsonl "$out/sft-$path-metrics.jsonl"
@@ -95,6 +101,26 @@ elif [ "$mode" = breakdown ]; then  # where a GPU evaluation turn goes: 64 valid
   python bench/eval_breakdown.py --checkpoint "$(checkpoint)" --dtype bf16 --games 64 --batch 64 --max-steps 40 \
     --new-tokens 48 2>&1 | quiet > "$out/breakdown.log"
   python bench/eval_breakdown.py --engine >> "$out/breakdown.log" 2>&1
+elif [ "$mode" = graphs ]; then  # --cuda-graphs: a decode step alone, then the 134 valid_unseen games at 40 turns
+  # without and with it (same checkpoint, greedy: the same actions expected), then inspection of 400 trajectories
+  python bench/eval_breakdown.py --model 135m --dtype bf16 --decode 64 1000 > "$out/decode.log" 2>&1
+  ck=$(checkpoint)
+  for g in cuda-graphs no-cuda-graphs; do  # the new path first: a failed capture shows at once
+    start=$SECONDS
+    timeout 180 python stepagent.py --preset none --model "$ck" --epochs 0 --cycles 0 --heldout-steps 0 --eval-games -1 \
+      --eval-splits valid_unseen --max-steps 40 --$g --out /root/w/runs/eval-$g 2>&1 | quiet > "$out/eval-$g.log"
+    echo "{\"mode\": \"$g\", \"seconds\": $((SECONDS - start))}" >> "$out/graphs.json"
+    cp /root/w/runs/eval-$g/eval/final/valid_unseen.jsonl "$out/eval-$g.jsonl"
+  done
+  python - "$out" >> "$out/graphs.json" <<'PY'
+import json, sys
+runs = [{json.loads(x)["game"]: json.loads(x) for x in open(f"{sys.argv[1]}/eval-{g}.jsonl")}
+        for g in ("no-cuda-graphs", "cuda-graphs")]
+same = [g for g in runs[0] if g in runs[1] and [s["action"] for s in runs[0][g]["transcript"]]
+        == [s["action"] for s in runs[1][g]["transcript"]]]
+print(json.dumps({"games": len(runs[0]), "same_actions": len(same), "won": [sum(r["won"] for r in x.values()) for x in runs]}))
+PY
+  CUDA_GRAPHS=1 INSPECT_TIMEOUT=100 inspect_400 "$ck"
 elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (--preset auto = gpu), end to end
   run=/root/w/runs/auto; again=$([ -e $run/metrics.jsonl ] && echo --resume)  # past one call: run the mode again
   timeout 570 /usr/bin/time -v python stepagent.py --env alfworld --out $run $again 2>&1 | quiet > "$out/auto.log"
@@ -122,7 +148,7 @@ elif [ "$mode" = sweep ]; then
   done
   python bench/sweep.py report "$sw" --md "$out/sweep.md" --plot "$out/sweep.png" > "$out/report.log" 2>&1
 else
-  echo "error: mode $mode: expected eval, train, fsdp, auto, sweep, inspect or breakdown"; exit 2
+  echo "error: mode $mode: expected eval, train, fsdp, auto, sweep, inspect, breakdown or graphs"; exit 2
 fi
 # the device link returns at most 8 files, at most 2 folders down (../.library/device/README.md): everything also goes
 # into one archive, folders leave OUT, and past 8 files only the archive, device.txt and the reports stay
