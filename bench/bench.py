@@ -66,6 +66,7 @@ class Sizes:
     gpu_tokens_per_batch: int = 16384  # row 4, new path: --tokens-per-batch (real tokens per packed row)
     gpu_repeats: int = 3  # row 4: timed steps per setting, after one warm-up step
     gpu_paths: tuple[str, ...] = ("old", "new", "compiled")  # row 4: compiled = the new path with --compile
+    gpu_profile: bool = False  # row 4: also one step of each setting under torch.profiler (top ops into the JSON)
 
 
 QUICK = Sizes(models=("tiny",), trajectories={"tiny": 1}, quantile={"tiny": 0.0}, repeats={"tiny": 1},
@@ -128,6 +129,27 @@ def now(rt: stepagent.Runtime) -> float:
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def profile(fn, rt: stepagent.Runtime, top: int = 25) -> dict[str, str]:
+    """One call of fn(rt) under torch.profiler: the top ops by self time on the GPU (if any) and on the host, as the
+    profiler's own tables, and the host's wall time for the call beside its summed op time (the rest is Python)."""
+    from torch.profiler import ProfilerActivity
+
+    cuda = rt.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = now(rt)
+        fn(rt)
+        wall = now(rt) - t0
+    ops = prof.key_averages()
+    out = {"wall_s": wall, "host_ops_s": sum(e.self_cpu_time_total for e in ops) / 1e6,
+           "host": ops.table(sort_by="self_cpu_time_total", row_limit=top)}
+    if cuda:  # torch >= 2.4 names it self_device_time_total (self_cuda_time_total before)
+        key = "self_device_time_total" if hasattr(ops[0], "self_device_time_total") else "self_cuda_time_total"
+        out["device_ops_s"] = sum(getattr(e, key) for e in ops) / 1e6
+        out["device"] = ops.table(sort_by=key, row_limit=top)
+    return out
 
 
 def peak_mb(rt: stepagent.Runtime) -> float:
@@ -432,8 +454,13 @@ def gpu_rows(sizes: Sizes, data_dir: str, peak_tflops: float, device: str = "cud
                         "rows": sum(p["input_ids"].shape[0] for p in (sft_packs if kind == "sft" else packs)),
                         "warmup_seconds": t0 - t_warm,
                         "tokens": tokens[kind], "attn": attn}
-                    print(f"row 4 {name} {path}/{kind}/{prec}: " + json.dumps(out[name][f"{path}/{kind}/{prec}"]),
-                          flush=True)  # a run cut off by a time limit keeps what it measured in its log
+                    if sizes.gpu_profile:  # where the step's time goes: the ops by self time on the device and host
+                        out[name][f"{path}/{kind}/{prec}"]["profile"] = profile(fn, rt)
+                    r = out[name][f"{path}/{kind}/{prec}"]
+                    print(f"row 4 {name} {path}/{kind}/{prec}: " + json.dumps({k: v for k, v in r.items()
+                                                                               if k != "profile"}), flush=True)
+                    for table in (r.get("profile", {}).get(k) for k in ("device", "host")):  # into the log too
+                        print(table or "", flush=True)
         del model, ref, opt, pi, pi_ref
         if cuda:
             torch.cuda.empty_cache()
