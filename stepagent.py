@@ -568,7 +568,8 @@ def pack_tree(encs: list, expert_steps: list[list[int]], branches: list[list[Bra
     plus for every action (expert spans first, then branches, trajectory by trajectory) the (row, predictor position,
     target id, action index, own position) of each of its tokens: log π(a|h) = Σ log p(target | predictor).
     """
-    rows, preds, n_actions = [], [], 0  # a row: its segments (ids, first position, trunk segment, |h_t|)
+    rows, n_actions = [], 0  # a row: its segments (ids, first position, trunk segment, |h_t|)
+    cols = [[], [], [], [], []]  # the preds' five columns: ints in lists, not a tuple per token (cheap for the GC)
     for enc, steps, brs in zip(encs, expert_steps, branches):
         if not rows or not one_row:
             rows.append([])
@@ -577,26 +578,31 @@ def pack_tree(encs: list, expert_steps: list[list[int]], branches: list[list[Bra
         L = max([enc.action_spans[t][1] for t in steps] + [br.prefix_len for br in brs])  # later tokens are not needed
         segs.append((list(enc.input_ids[:L]), 0, -2, 0))  # the trunk: causal (-2: no parent)
         for s, e in (enc.action_spans[t] for t in steps):  # expert actions: ordinary causal next-token prediction
-            preds += [(b, o + i - 1, enc.input_ids[i], n_actions, o + i) for i in range(s, e)]
+            for col, v in zip(cols, ([b] * (e - s), range(o + s - 1, o + e - 1), enc.input_ids[s:e],
+                                     [n_actions] * (e - s), range(o + s, o + e))):
+                col += v
             n_actions += 1
         n = o + L
         for br in brs:  # agent actions: positions continue from the prefix, predictions start at its last token
             segs.append((list(br.ids), br.prefix_len, trunk, br.prefix_len))
-            pred_pos = [o + br.prefix_len - 1] + list(range(n, n + len(br.ids) - 1))
-            preds += [(b, p, t, n_actions, n + j) for j, (p, t) in enumerate(zip(pred_pos, br.ids))]
-            n, n_actions = n + len(br.ids), n_actions + 1
+            m = len(br.ids)
+            for col, v in zip(cols, ([b] * m, [o + br.prefix_len - 1, *range(n, n + m - 1)], br.ids, [n_actions] * m,
+                                     range(n, n + m))):
+                col += v
+            n, n_actions = n + m, n_actions + 1
+    preds = np.ascontiguousarray(np.array(cols, dtype=np.int64).reshape(5, -1).T)  # (N, 5)
     if not one_row and not any(branches):  # expert actions only (SFT, held-out log-probs): a plain causal 2-D mask
         return _right_padded([segs[0][0] for segs in rows], preds, n_actions, device)
     lens = [sum(len(s[0]) for s in segs) for segs in rows]
     fill = dict(input_ids=0, position_ids=0, seg=-1, parent=-2, root=0)  # padding: its own segment, sees only padding
-    t = {k: torch.full((len(rows), max(lens)), v, dtype=torch.long) for k, v in fill.items()}
-    for b, segs in enumerate(rows):
-        col = 0
-        for k, (ids, first, parent, root) in enumerate(segs):
-            at = (b, slice(col, col + len(ids)))
-            t["input_ids"][at], t["position_ids"][at] = torch.tensor(ids), torch.arange(first, first + len(ids))
-            t["seg"][at], t["parent"][at], t["root"][at] = k, parent, root
-            col += len(ids)
+    t = {k: np.full((len(rows), max(lens)), v, dtype=np.int64) for k, v in fill.items()}
+    for b, segs in enumerate(rows):  # numpy per row, not five small tensors per segment (a row has ~1,000 of them)
+        n, at = np.array([len(s[0]) for s in segs]), (b, slice(0, lens[b]))
+        t["input_ids"][at] = [i for s in segs for i in s[0]]
+        t["seg"][at] = np.repeat(np.arange(len(segs)), n)
+        t["parent"][at], t["root"][at] = (np.repeat([s[j] for s in segs], n) for j in (2, 3))
+        t["position_ids"][at] = np.arange(lens[b]) - np.repeat(np.cumsum(n) - n - [s[1] for s in segs], n)
+    t = {k: torch.from_numpy(v) for k, v in t.items()}
     return dict(**{k: v.to(device) for k, v in t.items()}, preds=preds, n_actions=n_actions, tokens=sum(lens))
 
 
@@ -622,7 +628,8 @@ def _right_padded(seqs: list[list[int]], preds: list, n_actions: int, device) ->
     for r, s in enumerate(seqs):
         ids_t[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
     return dict(input_ids=ids_t.to(device), position_ids=torch.arange(Q).expand(len(seqs), Q).to(device),
-                attention_mask=mask.to(device), preds=preds, n_actions=n_actions, tokens=sum(len(s) for s in seqs))
+                attention_mask=mask.to(device), preds=np.asarray(preds, dtype=np.int64).reshape(-1, 5),
+                n_actions=n_actions, tokens=sum(len(s) for s in seqs))
 
 
 def action_logps(model, packed: dict, hidden: bool = False) -> dict:
@@ -630,7 +637,7 @@ def action_logps(model, packed: dict, hidden: bool = False) -> dict:
 
     Log-softmax is taken in fp32: bf16 logits lose the small differences that log-ratios and PPO ratios live on.
     """
-    preds = torch.tensor(packed["preds"])  # (N, 5) on the host: unique and bincount there need no GPU sync
+    preds = torch.from_numpy(packed["preds"])  # (N, 5) on the host: unique and bincount there need no GPU sync
     rows, pos, target, owner, self_pos = preds.to(packed["input_ids"].device).T
     one_row = packed["input_ids"].shape[0] == 1
     keep, inverse = torch.unique(preds[:, 1], return_inverse=True)  # positions whose logits we need
@@ -924,7 +931,7 @@ def pair_logps(model, encs: list, groups: list[tuple[int, list[Inspected]]], pac
     packed = run_pack([encs[row] for row, _ in groups], expert_steps, branches, packing, rt.device, one_row)
     with rt.autocast():
         res = action_logps(model, packed, hidden=hidden)
-    owner, index_a_t = torch.tensor([p[3] for p in packed["preds"]]), torch.tensor(index_a)  # on the host: no sync
+    owner, index_a_t = torch.from_numpy(packed["preds"][:, 3]), torch.tensor(index_a)  # on the host: no sync
     agent_tok = torch.isin(owner, index_a_t).nonzero().squeeze(1)
     out = dict(logp_e=res["seq_logp"][index_e], logp_a=res["seq_logp"][index_a], tokens=packed["tokens"],
                tok_logp_a=res["tok_logp"][agent_tok.to(rt.device)],  # (N_tok,) each token's item in tok_owner_a
@@ -1335,9 +1342,8 @@ class PrefixCachedPolicy:
         return self.held[r], [(layer.kv[0][r:r + 1, :, :L], layer.kv[1][r:r + 1, :, :L]) for layer in self.cache.layers]
 
     def reset(self) -> None:
-        """Forget every episode (their rows are reused; the memory stays reserved)."""
+        """Forget every episode (their rows, and the prompt ids the rows hold, are reused; the memory stays reserved)."""
         self.row.clear()
-        self.held = [[] for _ in self.held]
 
     def _forward(self, ids: list[list[int]], cache, keep: int | torch.Tensor = 1, **kw) -> torch.Tensor:
         """One forward over new tokens after the cached ones (the cache is written in place); logits at `keep`."""
@@ -1363,17 +1369,13 @@ class PrefixCachedPolicy:
         """Each key's row: kept where it has one, else a free one; without keep_absent the others are dropped and the
         keys end up in rows 0 .. len(keys) - 1 (a row moved down is one copy per layer, when an episode ends)."""
         if not keep_absent:
-            kept = {k: self.row[k] for k in keys if k in self.row}
-            for r in set(self.row.values()) - set(kept.values()):
-                self.held[r] = []  # a dropped episode's row: free, holding nothing
-            self.row = kept
+            self.row = {k: self.row[k] for k in keys if k in self.row}
         used = set(self.row.values())
         free = iter(r for r in range(len(keys) + len(used)) if r not in used)
-        for key in keys:
+        for key in keys:  # a new episode starts from what its row holds: the system prompt is common to all
             if key not in self.row:
                 self.row[key] = next(free)
                 self._reserve(self.row[key] + 1, 0)
-                self.held[self.row[key]] = []
         if not keep_absent:
             low = iter(r for r in range(len(keys)) if r not in set(self.row.values()))
             for key in keys:

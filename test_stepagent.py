@@ -839,8 +839,9 @@ class FixedShapes(sa.PrefixCachedPolicy):
 @pytest.mark.parametrize("policy", [sa.PrefixCachedPolicy, FixedShapes])
 def test_prefix_cached_acting_equals_re_encoding_every_turn(policy):
     """Evaluation's KV-cached policy gives each episode the greedy reply of a fresh generate over its whole history,
-    turn after turn, while episodes end, join, move down to a free row, and a history changes under it; it prefills
-    only what is new; and the decode step a CUDA graph would replay (fixed shapes) gives the same replies."""
+    turn after turn, while episodes end, join (from the prompt a freed row holds), move down to a free row, and a
+    history changes under it; it prefills only what is new; and the decode step a CUDA graph would replay (fixed
+    shapes) gives the same replies."""
     tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
     with torch.no_grad():  # a random final-norm gain: greedy replies depend on the prompt (see the test above)
         model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
@@ -861,9 +862,12 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn(policy):
             del episodes[1], episodes[3]
         hs = [replace(h, steps=list(h.steps)) for h in episodes.values()]
         prompts = [encode_prompt(tok, h, len(h.steps)) for h in hs]
+        n = len(fed)
         replies = cached(hs)
         assert replies == [sa.generate(model, tok, CPU, [p], 0.0, 6, 1, seed=0)[0] for p in prompts], turn
         rows.append([cached.row[h.id] for h in hs])
+        if turn == 2:  # game3 began from game0's row: the prompt they share was not prefilled again
+            assert 0 < max(fed[n]) < len(prompts[-1]) - 20
         for h in hs:  # what each episode keeps (RoPE'd keys, values) is exactly a fresh forward over its ids
             ids, kv = cached.kept(h.id)
             with torch.no_grad():

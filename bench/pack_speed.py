@@ -1,0 +1,73 @@
+"""Host time of building one packed row (stepagent.pack_tree, and its predictions as a tensor) for n median expert
+trajectories: this checkout against an older commit's pack_tree, in one process, with a check that both build the
+same tensors and predictions. On a GPU the host builds every micro-batch's row while the device waits, so these
+milliseconds add to each training step.
+
+    python bench/pack_speed.py                  # 32 trajectories (SFT: all expert actions; reflection: + a branch each)
+    python bench/pack_speed.py --old 167988d --n 8
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (puts the checkout on sys.path)
+import stepagent  # noqa: E402
+
+
+def old_stepagent(commit: str):
+    """The commit's stepagent.py as a module (its imports, data and envs, are this checkout's)."""
+    src = subprocess.run(["git", "-C", str(bench.ROOT), "show", f"{commit}:stepagent.py"], capture_output=True,
+                         text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "stepagent_old.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("stepagent_old", path)
+    mod = sys.modules["stepagent_old"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=32, help="median-length expert trajectories in the row")
+    p.add_argument("--old", default="167988d", help="the commit to compare with")
+    p.add_argument("--repeats", type=int, default=20)
+    a = p.parse_args()
+    rt = stepagent.Runtime(torch.device("cpu"), torch.float32)
+    _, tok = bench.load_model("tiny", rt, random_init=True)  # the embedded tokenizer; the model is not used
+    encs = bench.expert_set(tok, os.environ.get("ALFWORLD_DATA") or str(bench.ROOT.parent / "shared" / "alfworld"),
+                            a.n, 0.5)
+    groups = bench.agent_items(tok, encs)
+    layouts = {"SFT": ([list(range(len(e.action_spans))) for e in encs], [[] for _ in encs]),
+               "reflection": ([sorted({i.t for i in its}) for _, its in groups],
+                              [[stepagent.Branch(e.action_spans[i.t][0], i.agent_ids) for i in its]
+                               for e, (_, its) in zip(encs, groups)])}
+    old = old_stepagent(a.old)
+    for name, (steps, branches) in layouts.items():
+        ms, packs = {}, {}
+        for label, mod in ((a.old, old), ("this checkout", stepagent)):
+            packs[label] = mod.pack_tree(encs, steps, branches, "cpu", True)
+            t0 = time.perf_counter()
+            for _ in range(a.repeats):  # and the (N, 5) predictions tensor action_logps makes of it
+                preds = mod.pack_tree(encs, steps, branches, "cpu", True)["preds"]
+                torch.tensor(preds) if isinstance(preds, list) else torch.from_numpy(preds)
+            ms[label] = 1000 * (time.perf_counter() - t0) / a.repeats
+        x, y = packs.values()
+        same = np.array_equal(np.asarray(x["preds"]), y["preds"]) and all(  # 167988d: a list of 5-tuples
+            torch.equal(x[k], y[k]) for k in x if isinstance(x[k], torch.Tensor))
+        print(f"{name}, {a.n} trajectories, {y['tokens']:,} tokens in one row: {a.old} {ms[a.old]:.1f} ms, this "
+              f"checkout {ms['this checkout']:.1f} ms ({ms[a.old] / ms['this checkout']:.1f}x); same tensors: {same}")
+
+
+if __name__ == "__main__":
+    main()
