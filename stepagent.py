@@ -1310,8 +1310,9 @@ class PrefixCachedPolicy:
     at an end token or once data.action_is_final. Episodes absent from a call are dropped (keep_absent: kept), and the
     live ones move to the first rows, so a forward runs on them alone. Plain argmax decoding, as generate(do_sample=
     False) with no logits processors configured. Full-attention models only (full_attention).
-    graphs=True (CUDA, --cuda-graphs): a decode step of R rows is captured once as a CUDA graph and replayed: one launch
-    instead of the hundreds a 30-layer forward makes, which bound the 135M's steps on an H200 (bench/RESULTS.md).
+    graphs=True (CUDA, --cuda-graphs): a decode step's shapes are fixed (rows in steps of 8, columns in steps of 256),
+    so it is captured once as a CUDA graph and replayed: one launch instead of the hundreds a 30-layer forward makes,
+    which bound the 135M's steps on an H200 (bench/RESULTS.md).
     (Hand-written, not generate(): one generate call continues one batch cache, not per-episode caches of different
     lengths that grow turn by turn as episodes end and start; bench row 3 and bench/eval_breakdown.py measure the gain.)
     """
@@ -1453,10 +1454,11 @@ class PrefixCachedPolicy:
 
     def _decode(self, feed: torch.Tensor, hi: int) -> torch.Tensor:
         """One decode step of every row, feed (R, 2) = (token, column), attending to the first hi columns: logits
-        (R, V). As a CUDA graph where enabled: all reserved columns attended (fixed shapes), one graph per R."""
+        (R, V). As a CUDA graph where enabled: one per R and per 256 columns attended (the attention's K/V reads are
+        most of a decode step's bytes at hundreds of rows), the 8 latest kept (hi only grows in a turn)."""
         if self.graphs is None:
             return self._step(feed, hi)
-        key = (feed.shape[0], self.state.columns)
+        key = (feed.shape[0], min(-(-hi // 256) * 256, self.state.columns))
         if key not in self.graphs:  # captured under autocast without its weight cache (torch.cuda.graphs' advice)
             x = feed.clone()
             amp = torch.autocast("cuda", self.rt.dtype, cache_enabled=False) if self.rt.dtype != torch.float32 \
@@ -1464,12 +1466,14 @@ class PrefixCachedPolicy:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), amp:  # warm-up off the capture (it writes only past each row's columns)
-                self._step(x, self.state.columns)
+                self._step(x, key[1])
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), amp:
-                out = self._step(x, self.state.columns)
+                out = self._step(x, key[1])
             self.graphs[key] = (graph, x, out)
+            while len(self.graphs) > 8:
+                self.graphs.pop(next(iter(self.graphs)))
         graph, x, out = self.graphs[key]
         x.copy_(feed)
         graph.replay()
