@@ -1459,25 +1459,36 @@ class PrefixCachedPolicy:
         if self.graphs is None:
             return self._step(feed, hi)
         key = (feed.shape[0], min(-(-hi // 256) * 256, self.state.columns))
-        if key not in self.graphs:  # captured under autocast without its weight cache (torch.cuda.graphs' advice)
-            x = feed.clone()
-            amp = torch.autocast("cuda", self.rt.dtype, cache_enabled=False) if self.rt.dtype != torch.float32 \
-                else nullcontext()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), amp:  # warm-up off the capture (it writes only past each row's columns)
-                self._step(x, key[1])
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), amp:
-                out = self._step(x, key[1])
-            self.graphs[key] = (graph, x, out)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(feed, key[1])
+            except RuntimeError as e:  # a model whose forward cannot be captured: act eagerly, as without the flag
+                print0(self.rt, f"warning: --cuda-graphs: capture failed ({str(e).splitlines()[0][:200]}); decoding "
+                                "without CUDA graphs")
+                self.graphs = None
+                return self._step(feed, hi)
             while len(self.graphs) > 8:
                 self.graphs.pop(next(iter(self.graphs)))
         graph, x, out = self.graphs[key]
         x.copy_(feed)
         graph.replay()
         return out
+
+    def _capture(self, feed: torch.Tensor, hi: int) -> tuple:
+        """A decode step of feed's shape attending to hi columns, as a CUDA graph: (graph, its input, its logits).
+        Captured under autocast without its weight cache (torch.cuda.graphs' advice)."""
+        x = feed.clone()
+        amp = torch.autocast("cuda", self.rt.dtype, cache_enabled=False) if self.rt.dtype != torch.float32 \
+            else nullcontext()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), amp:  # warm-up off the capture (it writes only past each row's columns)
+            self._step(x, hi)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), amp:
+            out = self._step(x, hi)
+        return graph, x, out
 
     def _step(self, feed: torch.Tensor, hi: int) -> torch.Tensor:
         col = feed[:, 1:]  # (R, 1): each row's next column, also its position

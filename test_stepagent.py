@@ -887,6 +887,24 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn(policy):
     assert 0 < sum(map(max, prefills)) < prompt_tokens / 4  # most of each history came from the cache
 
 
+def test_failed_cuda_graph_capture_falls_back_to_eager_decoding(capsys):
+    """--cuda-graphs with a forward that cannot be captured: one warning, then the same replies as without the flag."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
+    with torch.no_grad():  # a random final-norm gain: greedy replies depend on the prompt
+        model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    trajs = [make_traj(n, seed=60 + n, tid=f"g{n}") for n in (1, 2)]
+    prompts = [encode_prompt(tok, t, len(t.steps)) for t in trajs]
+    policy = sa.PrefixCachedPolicy(model, tok, CPU, max_new_tokens=6)
+    policy.graphs = {}  # as on CUDA with --cuda-graphs
+
+    def capture(feed, hi):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+    policy._capture = capture
+    replies = policy.act([t.id for t in trajs], prompts)
+    assert replies == [sa.generate(model, tok, CPU, [p], 0.0, 6, 1, seed=0)[0] for p in prompts]
+    assert policy.graphs is None and capsys.readouterr().out.count("capture failed (operation not permitted") == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_slot_cache_decodes_as_dynamic_cache(dtype):
     """The cached policy's KV cache writes each row at its own columns (held in the autocast dtype) where transformers'
