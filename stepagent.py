@@ -1343,14 +1343,13 @@ class PrefixCachedPolicy:
         return self.held[r], [(layer.kv[0][r:r + 1, :, :L], layer.kv[1][r:r + 1, :, :L]) for layer in self.cache.layers]
 
     def reset(self) -> None:
-        """Forget every episode (their rows, and the prompt ids the rows hold, are reused; the memory stays reserved)."""
+        """Forget every episode (their rows, and the ids the rows hold, are reused; the memory stays reserved)."""
         self.row.clear()
 
-    def _forward(self, ids: list[list[int]], cache, keep: int | torch.Tensor = 1, **kw) -> torch.Tensor:
+    def _forward(self, ids: list[list[int]] | torch.Tensor, cache, keep: int | torch.Tensor = 1, **kw) -> torch.Tensor:
         """One forward over new tokens after the cached ones (the cache is written in place); logits at `keep`."""
         ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, device=self.rt.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep,
-                         **{self.cache_kw: cache}, **kw)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{self.cache_kw: cache}, **kw)
         return out.logits.float()
 
     def _pick(self, logits: torch.Tensor) -> list[int]:

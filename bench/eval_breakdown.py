@@ -47,16 +47,22 @@ def timed(totals: dict, key: str, fn):
 
 
 def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, new_tokens: int, dtype: str = "fp32",
-                     checkpoint: str = "") -> None:
+                     checkpoint: str = "", cuda_graphs: bool = False) -> None:
     totals: dict[str, float] = collections.defaultdict(float)
     rt = stepagent.setup_runtime(stepagent.Config(dtype=dtype))
     model, tok = stepagent.load_policy(checkpoint, rt) if checkpoint else bench.load_model(model_name, rt)
-    act = stepagent.make_act_fn(stepagent.Config(max_new_tokens=new_tokens), rt, model.eval(), tok)
+    cfg = stepagent.Config(max_new_tokens=new_tokens, **({"cuda_graphs": True} if cuda_graphs else {}))
+    act = stepagent.make_act_fn(cfg, rt, model.eval(), tok)
     data.encode_prompt = timed(totals, "render + tokenise", data.encode_prompt)
     forward = act._forward  # a decode step passes a mask and no columns to read (here and in bench.OLD's code)
+    if hasattr(act, "_decode"):  # a decode step, CUDA graph or not (--cuda-graphs replays one without _forward)
+        act._decode = timed(totals, "decode", act._decode)
 
     def split(ids, cache, *a, **kw):
-        return timed(totals, "prefill" if a or "attention_mask" not in kw else "decode", forward)(ids, cache, *a, **kw)
+        if a or "attention_mask" not in kw:
+            return timed(totals, "prefill", forward)(ids, cache, *a, **kw)
+        return forward(ids, cache, *a, **kw) if hasattr(act, "_decode") else \
+            timed(totals, "decode", forward)(ids, cache, *a, **kw)
     act._forward = split
     out = Path(tempfile.mkdtemp()) / "e.jsonl"
     t0 = time.perf_counter()
@@ -153,6 +159,7 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="fp32", help="fp32, or bf16 (CPU autocast; fast where the CPU has AMX)")
     p.add_argument("--checkpoint", default="", help="a trained checkpoint dir instead of --model's weights")
     p.add_argument("--engine", action="store_true", help="time one engine alone instead")
+    p.add_argument("--cuda-graphs", action="store_true", help="the policy with --cuda-graphs (CUDA)")
     p.add_argument("--inspect", type=int, default=0, metavar="N", help="time inspection of N trajectories instead")
     p.add_argument("--decode", nargs=2, type=int, metavar=("ROWS", "COLUMNS"),
                    help="time one decode step with transformers' DynamicCache vs the slot cache instead")
@@ -163,4 +170,4 @@ if __name__ == "__main__":
         inspection_speed(a.model, a.inspect, a.new_tokens)
     else:
         engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens,
-                                                                     a.dtype, a.checkpoint)
+                                                                     a.dtype, a.checkpoint, a.cuda_graphs)

@@ -98,8 +98,10 @@ elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /r
 elif [ "$mode" = inspect ]; then
   inspect_400 "$(checkpoint)"
 elif [ "$mode" = breakdown ]; then  # where a GPU evaluation turn goes: 64 valid_seen games at once, 40 turns
-  python bench/eval_breakdown.py --checkpoint "$(checkpoint)" --dtype bf16 --games 64 --batch 64 --max-steps 40 \
-    --new-tokens 48 2>&1 | quiet > "$out/breakdown.log"
+  for g in "" --cuda-graphs; do  # shellcheck disable=SC2086  (an empty flag is no word)
+    python bench/eval_breakdown.py --checkpoint "$(checkpoint)" --dtype bf16 --games 64 --batch 64 --max-steps 40 \
+      --new-tokens 48 $g 2>&1 | quiet >> "$out/breakdown.log"
+  done
   python bench/eval_breakdown.py --engine >> "$out/breakdown.log" 2>&1
 elif [ "$mode" = graphs ]; then  # --cuda-graphs: a decode step alone, then the 134 valid_unseen games at 40 turns
   # without and with it (same checkpoint, greedy: the same actions expected), then inspection of 400 trajectories
