@@ -28,8 +28,9 @@
 # inspect: the eval mode's inspection timing (default groups, then 64 at a time), with CKPT=dir, the sweep's N = all
 #        warm start, or else a 1-epoch SFT on 400 trajectories trained first.
 # graphs: --cuda-graphs (the cached policy's decode steps replayed as CUDA graphs): one decode step of 64 rows after
-#        1,000 columns (DynamicCache, slot cache, graph), the 134 valid_unseen games without and with it (wall seconds,
-#        same actions per game), inspection of 400 trajectories with and without it; CKPT or a checkpoint as inspect
+#        1,000 columns (DynamicCache, slot cache, graph), the 134 valid_unseen games with and without it (wall seconds,
+#        same actions per game), inspection of 400 trajectories with it (CUDA_GRAPHS=both inspect: with and without);
+#        CKPT or a checkpoint as inspect's; ~8 minutes at most
 # breakdown: bench/eval_breakdown.py on the GPU with that checkpoint (render, prefill, decode, cache bookkeeping,
 #        harness; 64 games at once, 40 turns), and one engine alone. In one call after the setup calls:
 #        . /root/w/env.sh && bash bench/gpu_check.sh inspect $OUT; bash bench/gpu_check.sh breakdown $OUT
@@ -54,8 +55,9 @@ with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
     rt = sa.setup_runtime(sa.Config())
     model, tok = sa.load_policy(sys.argv[1], rt)
 encs, _ = data.encode_dataset(tok, data.load_trajectories(data.default_expert_path("alfworld"))[:400], 2048)
-graphs = os.environ.get("CUDA_GRAPHS") == "1"  # the default groups with --cuda-graphs, then without
-for gen_batch_size, cuda_graphs in ((0, True), (0, False)) if graphs else ((0, False), (64, False)):
+graphs = os.environ.get("CUDA_GRAPHS", "0")  # 1: the default groups with --cuda-graphs; both: then without too
+runs = {"0": ((0, False), (64, False)), "1": ((0, True),), "both": ((0, True), (0, False))}[graphs]
+for gen_batch_size, cuda_graphs in runs:
     cfg = sa.Config(temperature=1.0, gen_batch_size=gen_batch_size, cuda_graphs=cuda_graphs)
     t0 = time.time()
     items = sa.inspect(cfg, rt, model, tok, encs, cycle=1)
@@ -64,8 +66,12 @@ for gen_batch_size, cuda_graphs in ((0, True), (0, False)) if graphs else ((0, F
                       "agreement": sum(i.agree for i in items) / len(items)}), flush=True)
 PY
 }
-checkpoint() {  # CKPT=dir, or the sweep's N = all warm start, or else a 1-epoch SFT on 400 trajectories (~30 s)
-  local ckpt=${CKPT:-$(ls -d /root/w/sweep/nall-s0-warmstart/ckpt-* 2>/dev/null | tail -1)}
+checkpoint() {  # CKPT=dir, or the sweep's N = all warm start, or the train mode's SFT of all expert data, or else a
+  # 1-epoch SFT on 400 trajectories (~30 s)
+  local ckpt=${CKPT:-} d
+  for d in /root/w/sweep/nall-s0-warmstart /root/w/runs/sft-{new,compiled,old}; do  # each run's last checkpoint
+    [ -n "$ckpt" ] || ckpt=$(ls -d $d/ckpt-* 2>/dev/null | tail -1)
+  done
   if [ -z "$ckpt" ]; then
     ls -d /root/w/runs/sft400/ckpt-* > /dev/null 2>&1 || python stepagent.py "${sft[@]}" --epochs 1 \
       --max-trajectories 400 --out /root/w/runs/sft400 --eval-games 0 2>&1 | quiet > "$out/sft400.log"
@@ -95,7 +101,7 @@ elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /r
   python bench/fsdp_memory.py --out /root/w/fsdp 2>&1 | quiet > "$out/fsdp.log"
   cp /root/w/fsdp/fsdp.json /root/w/fsdp/*.log "$out/"
   for m in ddp fsdp fsdp+ckpt; do cp /root/w/fsdp/run-$m/metrics.jsonl "$out/metrics-$m.jsonl"; done
-elif [ "$mode" = inspect ]; then
+elif [ "$mode" = inspect ]; then  # CUDA_GRAPHS=1 or both: with --cuda-graphs (see inspect_400)
   inspect_400 "$(checkpoint)"
 elif [ "$mode" = breakdown ]; then  # where a GPU evaluation turn goes: 64 valid_seen games at once, 40 turns
   for g in "" --cuda-graphs; do  # shellcheck disable=SC2086  (an empty flag is no word)
@@ -104,12 +110,12 @@ elif [ "$mode" = breakdown ]; then  # where a GPU evaluation turn goes: 64 valid
   done
   python bench/eval_breakdown.py --engine >> "$out/breakdown.log" 2>&1
 elif [ "$mode" = graphs ]; then  # --cuda-graphs: a decode step alone, then the 134 valid_unseen games at 40 turns
-  # without and with it (same checkpoint, greedy: the same actions expected), then inspection of 400 trajectories
+  # with and without it (same checkpoint, greedy: the same actions expected), then inspection of 400 trajectories
   python bench/eval_breakdown.py --model 135m --dtype bf16 --decode 64 1000 > "$out/decode.log" 2>&1
   ck=$(checkpoint)
   for g in cuda-graphs no-cuda-graphs; do  # the new path first: a failed capture shows at once
-    start=$SECONDS
-    timeout 180 python stepagent.py --preset none --model "$ck" --epochs 0 --cycles 0 --heldout-steps 0 --eval-games -1 \
+    rm -rf /root/w/runs/eval-$g; start=$SECONDS  # a second call times all games again, not the rest
+    timeout 150 python stepagent.py --preset none --model "$ck" --epochs 0 --cycles 0 --heldout-steps 0 --eval-games -1 \
       --eval-splits valid_unseen --max-steps 40 --$g --out /root/w/runs/eval-$g 2>&1 | quiet > "$out/eval-$g.log"
     echo "{\"mode\": \"$g\", \"seconds\": $((SECONDS - start))}" >> "$out/graphs.json"
     cp /root/w/runs/eval-$g/eval/final/valid_unseen.jsonl "$out/eval-$g.jsonl"
