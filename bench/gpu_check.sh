@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of the evaluation-speed and training-speed issues, ready to run on a lent GPU machine after
-# ../shared/gpu/README.md's setup (each mode fits one 10-minute call; results and logs go to OUT):
+# ../shared/gpu/README.md's setup (each mode fits one 10-minute call; results and logs go to OUT). The next session's
+# three calls, in order: bench/RESULTS.md, "The next GPU session". Calls used so far:
 #   call 1: bash .gpu1/setup.sh                                         (carry .gpu1)
 #           (row 4 needs only the tokenizer, so it can run in this call: here, `mkdir -p .gputok && tar cJf
 #           .gputok/tok.tar.xz -C ~/.cache/stepagent SmolLM2-135M-Instruct/{config.json,generation_config.json,
