@@ -643,9 +643,9 @@ def test_compile_flag_trains_as_eager():
 
 
 def test_flex_attention_block_mask_equals_the_dense_tree_mask():
-    """--attn flex_attention: the tree mask as a block-sparse BlockMask (one per layer type) gives the dense mask's
-    log-probs and hidden states, with several trajectories and their branches in one row (fp32; CPU runs it forward
-    only: "FlexAttention does not support backward on CPU")."""
+    """--attn flex_attention: the tree mask as a block-sparse BlockMask (one per layer type, made by the compiled
+    create_block_mask: the same as eager) gives the dense mask's log-probs and hidden states, with several trajectories
+    and their branches in one row (fp32; CPU runs it forward only: "FlexAttention does not support backward on CPU")."""
     model = windowed_model("qwen2", "sdpa")  # a full and a sliding layer
     tok, t1, t2 = tiny_tokenizer(), make_traj(5, seed=1), make_traj(3, seed=2)
     e1, e2 = encode(t1), encode(t2)
@@ -660,6 +660,10 @@ def test_flex_attention_block_mask_equals_the_dense_tree_mask():
         masks = sa.tree_mask(model, packed)
         assert set(masks) == {"full_attention", "sliding_attention"}
     assert masks["full_attention"].sparsity() > 0  # the blocks between the two trajectories are skipped
+    from torch.nn.attention.flex_attention import create_block_mask  # eager: the same mask as compiled (block_mask_fn)
+    for m in masks.values():
+        Q = packed["input_ids"].shape[1]
+        assert torch.equal(m.to_dense(), create_block_mask(m.mask_mod, 1, None, Q, Q, device="cpu").to_dense())
     for k in ("seq_logp", "tok_logp", "h_action", "h_prefix"):
         assert torch.allclose(res["sdpa"][k], res["flex_attention"][k], atol=1e-5), k
 

@@ -5,12 +5,14 @@ milliseconds add to each training step.
 
     python bench/pack_speed.py                  # 32 trajectories (SFT: all expert actions; reflection: + a branch each)
     python bench/pack_speed.py --old 167988d --n 8
+    python bench/pack_speed.py --mask           # and the reflection row's FlexAttention BlockMask, compiled vs eager
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=32, help="median-length expert trajectories in the row")
     p.add_argument("--old", default="167988d", help="the commit to compare with")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--mask", action="store_true", help="also the reflection row's BlockMask, compiled vs eager")
     a = p.parse_args()
     rt = stepagent.Runtime(torch.device("cpu"), torch.float32)
     _, tok = bench.load_model("tiny", rt, random_init=True)  # the embedded tokenizer; the model is not used
@@ -67,6 +70,25 @@ def main() -> None:
             torch.equal(x[k], y[k]) for k in x if isinstance(x[k], torch.Tensor))
         print(f"{name}, {a.n} trajectories, {y['tokens']:,} tokens in one row: {a.old} {ms[a.old]:.1f} ms, this "
               f"checkout {ms['this checkout']:.1f} ms ({ms[a.old] / ms['this checkout']:.1f}x); same tensors: {same}")
+    if a.mask:  # the reflection row's FlexAttention BlockMask: create_block_mask compiled (now) vs eager (before)
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        model, _ = bench.load_model("tiny", rt, random_init=True)
+        model.set_attn_implementation("flex_attention")
+        packed, res = y, {}
+        for label in ("compiled", "eager"):  # compiled first: the peak RSS only grows
+            if label == "eager":
+                stepagent.block_mask_fn = lambda: create_block_mask  # noqa: E731
+            rss0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+            mask = stepagent.tree_mask(model, packed)  # the first call compiles
+            first, t0 = time.perf_counter() - t0, time.perf_counter()
+            for _ in range(3):
+                stepagent.tree_mask(model, packed)
+            res[label] = ((time.perf_counter() - t0) / 3, first, mask.to_dense(),
+                          (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20)
+        (c, c1, cm, cr), (e, _, em, er) = res.values()
+        print(f"block mask of that row: eager {e:.2f} s, +{er:.1f} GB peak RSS; compiled {c:.2f} s ({e / c:.1f}x; "
+              f"first call {c1:.1f} s with the compilation), +{cr:.1f} GB; same mask: {torch.equal(cm, em)}")
 
 
 if __name__ == "__main__":
