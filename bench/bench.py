@@ -440,7 +440,12 @@ def gpu_rows(sizes: Sizes, data_dir: str, peak_tflops: float, device: str = "cud
                 rt = stepagent.Runtime(dev, dtype, scaler=torch.amp.GradScaler("cuda") if prec == "fp16" else None)
                 for kind, fn in (("sft", sft), ("reflect", reflect)):
                     t_warm = now(rt)
-                    fn(rt)  # warm-up: kernels, FlexAttention compilation for these shapes, AdamW state, torch.compile
+                    try:
+                        fn(rt)  # warm-up: kernels, FlexAttention compilation for these shapes, AdamW state, compile
+                    except Exception as e:  # e.g. torch.compile failing on this machine: the other paths still run
+                        out[name][f"{path}/{kind}/{prec}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                        print(f"row 4 {name} {path}/{kind}/{prec}: {out[name][f'{path}/{kind}/{prec}']}", flush=True)
+                        continue
                     if cuda:
                         torch.cuda.reset_peak_memory_stats()
                     t0 = now(rt)
@@ -509,8 +514,11 @@ def table(res: dict, sizes: Sizes) -> str:
             if not isinstance(r, dict):
                 continue
             path, kind, prec = key.split("/")
+            if "error" in r:
+                lines.append(f"| 4 GPU | {name} | {kind} {prec}, {path} path | n/a: {r['error'][:120]} | | | |")
+                continue
             mfu = f"MFU {r['mfu']:.1%}" if r["mfu"] is not None else "MFU n/a (pass --peak-tflops)"
-            if path != "old" and f"old/{kind}/{prec}" in m:
+            if path != "old" and "seconds" in m.get(f"old/{kind}/{prec}", {}):
                 mfu += f"; {m[f'old/{kind}/{prec}']['seconds'] / r['seconds']:.2f}x the old path's speed"
             lines.append(f"| 4 GPU | {name} ({m['params_M']:.0f}M) | {kind} {prec}, {path} path ({r['attn']}, "
                          f"{r['rows']} rows) | {r['tokens']:,} tok/step, {r['tflops']:.3g} TFLOP/s | "
