@@ -520,6 +520,8 @@ def table(res: dict, sizes: Sizes) -> str:
             mfu = f"MFU {r['mfu']:.1%}" if r["mfu"] is not None else "MFU n/a (pass --peak-tflops)"
             if path != "old" and "seconds" in m.get(f"old/{kind}/{prec}", {}):
                 mfu += f"; {m[f'old/{kind}/{prec}']['seconds'] / r['seconds']:.2f}x the old path's speed"
+            if path == "compiled" and "seconds" in m.get(f"new/{kind}/{prec}", {}):
+                mfu += f", {m[f'new/{kind}/{prec}']['seconds'] / r['seconds']:.2f}x the new path's"
             lines.append(f"| 4 GPU | {name} ({m['params_M']:.0f}M) | {kind} {prec}, {path} path ({r['attn']}, "
                          f"{r['rows']} rows) | {r['tokens']:,} tok/step, {r['tflops']:.3g} TFLOP/s | "
                          f"{r['seconds']:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s | {r['peak_mb']:,.0f} MB | "
