@@ -1466,7 +1466,7 @@ class PrefixCachedPolicy:
         most of a decode step's bytes at hundreds of rows), the 8 latest kept (hi only grows in a turn)."""
         if self.graphs is None:
             return self._step(feed, hi)
-        key = (feed.shape[0], min(-(-hi // 256) * 256, self.state.columns))
+        key = (feed.shape[0], self._graph_columns(hi))
         if key not in self.graphs:
             try:
                 self.graphs[key] = self._capture(feed, key[1])
@@ -1481,6 +1481,10 @@ class PrefixCachedPolicy:
         x.copy_(feed)
         graph.replay()
         return out
+
+    def _graph_columns(self, hi: int) -> int:
+        """The columns a graph attends: hi rounded up to a multiple of 256, within the reservation."""
+        return min(-(-hi // 256) * 256, self.state.columns)
 
     def _capture(self, feed: torch.Tensor, hi: int) -> tuple:
         """A decode step of feed's shape attending to hi columns, as a CUDA graph: (graph, its input, its logits).

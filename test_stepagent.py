@@ -836,8 +836,8 @@ class FixedShapes(sa.PrefixCachedPolicy):
         super().__init__(*a, **kw)
         self.graphs = {}
 
-    def _decode(self, feed, hi):  # the columns a graph attends: hi up to a multiple of 256, within the reservation
-        return self._step(feed, min(-(-hi // 256) * 256, self.state.columns))
+    def _decode(self, feed, hi):
+        return self._step(feed, self._graph_columns(hi))
 
 
 @pytest.mark.parametrize("policy", [sa.PrefixCachedPolicy, FixedShapes])
