@@ -1424,7 +1424,9 @@ class PrefixCachedPolicy:
         new: list[list[int]] = [[] for _ in range(R)]
         length = [len(self.held[r]) for r in range(R)]  # columns each row holds
         for r, ids in zip(rows, prompts):
-            k = next((j for j, (a, b) in enumerate(zip(self.held[r], ids)) if a != b), min(len(self.held[r]), len(ids)))
+            h = self.held[r]  # usually the prompt extends what the row holds: one list comparison, no scan
+            k = len(h) if ids[:len(h)] == h else next((j for j, (a, b) in enumerate(zip(h, ids)) if a != b),
+                                                      min(len(h), len(ids)))
             length[r] = min(k, len(ids) - 1)
             new[r] = ids[length[r]:]
         M = max(map(len, new))
