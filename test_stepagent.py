@@ -622,24 +622,35 @@ def test_token_budget_packing_trains_as_padded_rows_do(stage):
     assert (params - torch.cat([p.flatten() for p in tiny_model("sdpa").parameters()])).abs().max() > 1e-4  # trained
 
 
-def test_compile_flag_trains_as_eager():
+@pytest.mark.parametrize("stage", ["sft", "implicit"])
+def test_compile_flag_trains_as_eager(stage):
     """--compile (the training forwards through torch.compile, dynamic shapes: packed rows change length from step to
-    step) gives eager mode's SFT losses and parameters, on rows packed by --tokens-per-batch (CPU: inductor, fp32)."""
+    step) gives eager mode's losses and parameters, for SFT and for L_imp over trees with agent branches, on rows
+    packed by --tokens-per-batch (CPU: inductor, fp32)."""
+    tok = tiny_tokenizer()
     trajs = [make_traj(n, seed=90 + i) for i, n in enumerate([3, 2, 4, 1])]
     encs = [encode(t) for t in trajs]
-    cfg = small_cfg(lr=1e-3, batch_size=2, grad_accum=1, tokens_per_batch=len(encs[0].input_ids) + 60, epochs=1)
+    items = [sa.Inspected(r, t, "", "inventory", data.encode_action(tok, tr, t, "inventory"), False)
+             for r, tr in enumerate(trajs) for t in range(len(tr.steps))]
+    cfg = small_cfg(lr=1e-3, reflect_lr=1e-3, batch_size=2, grad_accum=1, reflect_batch=2, epochs=1,
+                    tokens_per_batch=len(encs[0].input_ids) + 60)
     runs = []
     for compile_ in (False, True):
         model, run, rt = tiny_model("sdpa"), NullRun(), replace(CPU, compile=compile_)
-        sa.train_sft(cfg, rt, model, encs, run, None)
+        if stage == "sft":
+            sa.train_sft(cfg, rt, model, encs, run, None)
+        else:
+            sa.reflect_implicit(cfg, rt, model, tiny_model("sdpa", seed=1), encs, items, 1, run)
         assert (getattr(rt.ddp, "_orig_mod", None) is model) == compile_  # torch.compile's wrapper, kept
         runs.append((run.lines, torch.cat([p.detach().flatten() for p in model.parameters()])))
     (lines, params), (lines_c, params_c) = runs
-    assert len(lines) == len(lines_c) > 1 and len({x["sft/tokens"] for x in lines}) > 1  # steps of different lengths
+    assert len(lines) == len(lines_c) > 1
+    assert stage != "sft" or len({x["sft/tokens"] for x in lines}) > 1  # steps of different lengths
     for a, b in zip(lines, lines_c):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     diff = (params - params_c).abs()  # Adam's first step is lr·g/|g|: float noise moves it only where g ≈ 0
     assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 1e-3
+    assert (params - torch.cat([p.flatten() for p in tiny_model("sdpa").parameters()])).abs().max() > 1e-4  # trained
 
 
 def test_flex_attention_block_mask_equals_the_dense_tree_mask():
