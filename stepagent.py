@@ -553,11 +553,21 @@ def tree_mask(model, packed: dict):
 @functools.cache
 def block_mask_fn():
     """FlexAttention's create_block_mask, compiled once for all lengths: run eagerly it materialises the whole Q x Q
-    mask and its integer intermediates (8.5 s and 5.2 GB for a 23,626-token row on CPU; compiled 0.55 s and no
-    such memory: bench/RESULTS.md). The same BlockMask either way (tested)."""
+    mask and its integer intermediates (5.5 s and 5.2 GB for a 23,626-token row on CPU; compiled 0.85 s and no such
+    memory: bench/RESULTS.md). The same BlockMask either way (tested). Where compiling fails: eager, with a warning."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return torch.compile(create_block_mask, dynamic=True)
+    compiled, state = torch.compile(create_block_mask, dynamic=True), {"eager": False}
+
+    def make(*args, **kw):
+        if not state["eager"]:
+            try:
+                return compiled(*args, **kw)
+            except Exception as e:  # torch.compile's errors are of many types (InductorError, BackendCompilerFailed)
+                print(f"warning: compiling create_block_mask failed ({type(e).__name__}); building masks eagerly")
+                state["eager"] = True
+        return create_block_mask(*args, **kw)
+    return make
 
 
 @dataclass

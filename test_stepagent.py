@@ -679,6 +679,28 @@ def test_flex_attention_block_mask_equals_the_dense_tree_mask():
         assert torch.allclose(res["sdpa"][k], res["flex_attention"][k], atol=1e-5), k
 
 
+def test_block_masks_are_built_eagerly_where_compiling_fails(monkeypatch, capsys):
+    """block_mask_fn: if torch.compile cannot build create_block_mask here, one warning and the eager function's masks."""
+    def failing(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", failing)
+    sa.block_mask_fn.cache_clear()
+    try:
+        model = tiny_model("flex_attention")
+        e1, e2 = encode(make_traj(3, seed=1)), encode(make_traj(2, seed=2))
+        packed = sa.pack_tree([e1, e2], [[0, 1], [1]], [[], []], "cpu", one_row=True)
+        masks = [sa.tree_mask(model, packed) for _ in range(2)]
+    finally:
+        sa.block_mask_fn.cache_clear()  # the next caller compiles again
+    from torch.nn.attention.flex_attention import create_block_mask
+    Q = packed["input_ids"].shape[1]
+    dense = create_block_mask(masks[0].mask_mod, 1, None, Q, Q, device="cpu").to_dense()
+    assert all(torch.equal(m.to_dense(), dense) for m in masks)
+    assert capsys.readouterr().out.count("compiling create_block_mask failed (RuntimeError)") == 1
+
+
 def test_nll_loss_equals_masked_cross_entropy():
     """SFT's loss through pack_tree equals cross-entropy on the full sequence's logits under Encoded.loss_mask."""
     model = tiny_model("sdpa")
