@@ -1288,7 +1288,7 @@ def play_splits(cfg: Config, rt: Runtime, model, tok, run: "Run", tag: str) -> d
 
 def full_attention(model) -> bool:
     """Every layer attends to the whole past (layer_windows, which also reads Mistral's and Phi3's sliding_window):
-    the cached policy pads inside its rows, and transformers measures a window in cache columns, not positions."""
+    the cached policy passes its own 4-D mask, which has no window, and its cache keeps every column."""
     return layer_windows(model) == {"full_attention": None}
 
 

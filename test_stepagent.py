@@ -798,8 +798,8 @@ def test_inspect_aligns_agent_actions_with_prefixes(k):
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "gemma2"])
 def test_sliding_window_models_act_by_re_encoding(arch):
-    """The cached policy pads inside its rows, where a window in cache columns is not one in positions: models with a
-    sliding window (Mistral's has layer_types None) act by re-encoding; full-attention ones keep their caches."""
+    """The cached policy's own 4-D mask has no window: models with a sliding window (Mistral's has layer_types None)
+    act by re-encoding; full-attention ones keep their caches."""
     cfg = sa.Config()
     assert not isinstance(sa.make_act_fn(cfg, CPU, windowed_model(arch, "eager"), tiny_tokenizer()),
                           sa.PrefixCachedPolicy)
