@@ -1343,7 +1343,8 @@ class PrefixCachedPolicy:
         self.graphs = {} if graphs and rt.device.type == "cuda" else None  # (rows, columns) -> (graph, input, logits)
         self.gen = torch.Generator(rt.device).manual_seed(seed)
         self.eos = set(end_tokens(model, tok))
-        self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0)  # what slot_cache's layers read
+        # what slot_cache's layers read: capacity (rows x columns), this forward's write columns and attended columns
+        self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0)
         self.cache = slot_cache(self.state)
         self.row: dict = {}  # episode key -> its row
         self.held: list[list[int]] = []  # per row: the ids whose K/V it holds, in columns 0 .. len - 1
