@@ -557,15 +557,16 @@ def block_mask_fn():
     memory: bench/RESULTS.md). The same BlockMask either way (tested). Where compiling fails: eager, with a warning."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    compiled, state = torch.compile(create_block_mask, dynamic=True), {"eager": False}
+    fn = torch.compile(create_block_mask, dynamic=True)
 
     def make(*args, **kw):
-        if not state["eager"]:
+        nonlocal fn
+        if fn is not create_block_mask:
             try:
-                return compiled(*args, **kw)
+                return fn(*args, **kw)
             except Exception as e:  # torch.compile's errors are of many types (InductorError, BackendCompilerFailed)
                 print(f"warning: compiling create_block_mask failed ({type(e).__name__}); building masks eagerly")
-                state["eager"] = True
+                fn = create_block_mask
         return create_block_mask(*args, **kw)
     return make
 
@@ -1395,7 +1396,7 @@ class PrefixCachedPolicy:
         for key in keys:  # a new episode starts from what its row holds: the system prompt is common to all
             if key not in self.row:
                 self.row[key] = next(free)
-                self._reserve(self.row[key] + 1, 0)
+        self._reserve(max(self.row.values()) + 1, 0)
         if not keep_absent:
             low = iter(r for r in range(len(keys)) if r not in set(self.row.values()))
             for key in keys:
@@ -1440,17 +1441,8 @@ class PrefixCachedPolicy:
                                                       min(len(h), len(ids)))
             length[r] = min(k, len(ids) - 1)
             new[r] = ids[length[r]:]
-        M = max(map(len, new))
-        self._reserve(R, max(length) + M + self.max_new_tokens)
-        # 2. one prefill for all rows: row r's token j at column = position length[r] + j; a kept row not in this
-        #    call gets padding past its columns
-        cols = torch.tensor(length, device=dev)[:, None] + torch.arange(M, device=dev)  # (R, M)
-        self.state.cols, self.state.hi = cols, max(length) + M
-        mask = torch.arange(self.state.hi, device=dev) <= cols[:, :, None]  # (R, M, hi): own columns up to itself
-        last = sorted({len(new[r]) - 1 for r in rows})  # the columns whose logits are read: each row's last new token
-        logits = self._forward([x + [0] * (M - len(x)) for x in new], self.cache, torch.tensor(last, device=dev),
-                               position_ids=cols, attention_mask=mask[:, None])
-        first = self._pick(logits[rows, [last.index(len(new[r]) - 1) for r in rows]])
+        # 2. one prefill for all rows (a kept row not in this call gets padding past its columns)
+        first = self._pick(self._prefill(new, length, rows))
         for r, ids in zip(rows, prompts):
             self.held[r], length[r] = list(ids), len(ids)
         # 3. decode all episodes together, until each reply ends (an end token, or its action can no longer change);
@@ -1472,6 +1464,19 @@ class PrefixCachedPolicy:
                     replies[i].append(t)
                     live[i] = t not in self.eos and not self._final(replies[i])
         return [self.tok.decode(ts, skip_special_tokens=True).strip() for ts in replies]
+
+    def _prefill(self, new: list[list[int]], length: list[int], rows: list[int]) -> torch.Tensor:
+        """One forward of every row's new tokens, right-padded: row r's token j at column = position length[r] + j.
+        Returns the logits after the last new token of each of `rows`, (len(rows), V)."""
+        dev, M = self.rt.device, max(map(len, new))
+        self._reserve(len(new), max(length) + M + self.max_new_tokens)
+        cols = torch.tensor(length, device=dev)[:, None] + torch.arange(M, device=dev)  # (R, M)
+        self.state.cols, self.state.hi = cols, max(length) + M
+        mask = torch.arange(self.state.hi, device=dev) <= cols[:, :, None]  # (R, M, hi): own columns up to itself
+        last = sorted({len(new[r]) - 1 for r in rows})  # the columns whose logits are read: each row's last new token
+        logits = self._forward([x + [0] * (M - len(x)) for x in new], self.cache, torch.tensor(last, device=dev),
+                               position_ids=cols, attention_mask=mask[:, None])
+        return logits[rows, [last.index(len(new[r]) - 1) for r in rows]]
 
     def _decode(self, feed: torch.Tensor, hi: int) -> torch.Tensor:
         """One decode step of every row, feed (R, 2) = (token, column), attending to the first hi columns: logits

@@ -965,12 +965,7 @@ def test_slot_cache_decodes_as_dynamic_cache(dtype):
         logits["dynamic"] = torch.stack(ref)  # (3, 6, V)
         policy._reserve(3, 1)  # 256 columns at first: grow past them below
         policy.state.columns = 14
-        new = [ids[i, :n].tolist() for i, n in enumerate(lens)]
-        cols = torch.arange(12)[None].expand(3, 12)
-        policy.state.cols, policy.state.hi = cols, 12
-        out = policy._forward([x + [0] * (12 - len(x)) for x in new], policy.cache, torch.tensor([7, 9, 11]),
-                              position_ids=cols, attention_mask=(torch.arange(12) <= cols[:, :, None])[:, None])
-        steps = [out[[0, 1, 2], [0, 2, 1]]]
+        steps = [policy._prefill([ids[i, :n].tolist() for i, n in enumerate(lens)], [0, 0, 0], [0, 1, 2])]
         for s in range(5):
             if s == 2:
                 policy._reserve(3, 300)  # past the reservation: the buffers grow by copying

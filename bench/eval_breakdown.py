@@ -116,11 +116,7 @@ def decode_step(model_name: str, rows: int, columns: int, dtype: str, steps: int
                                        position_ids=torch.full((rows, 1), columns + s, device=dev),
                                        **{policy.cache_kw: cache}).logits[:, -1].float()
             else:  # the policy's own prefill of `rows` prompts, then its decode step
-                policy._reserve(rows, columns + steps + 1)
-                cols = torch.arange(columns, device=dev)[None].expand(rows, columns)
-                policy.state.cols, policy.state.hi = cols, columns
-                policy._forward(ids, policy.cache, 1, position_ids=cols,
-                                attention_mask=(torch.arange(columns, device=dev) <= cols[:, :, None])[:, None])
+                policy._prefill(ids.tolist(), [0] * rows, list(range(rows)))
                 step = lambda s: policy._decode(torch.tensor([[5 + s, columns + s]] * rows, device=dev),  # noqa: E731
                                                 columns + s + 1)
             step(0)  # warm-up (a graph's capture)
