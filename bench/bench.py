@@ -324,13 +324,15 @@ def evaluation_child(spec: dict) -> dict:
             "actions": [[s["action"] for s in r["transcript"]] for r in recs]}
 
 
-def old_code() -> str:
-    """OLD's stepagent.py, envs.py and data.py in a temporary folder (from this checkout's git history)."""
-    folder = Path(tempfile.mkdtemp(prefix=f"stepagent-{OLD}-"))
+def old_code(commit: str = OLD) -> str:
+    """The commit's (default OLD's) stepagent.py, envs.py and data.py in a temporary folder (from this checkout's git
+    history)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"stepagent-{commit}-"))
     for name in ("stepagent.py", "envs.py", "data.py"):
-        show = subprocess.run(["git", "-C", str(ROOT), "show", f"{OLD}:{name}"], capture_output=True, text=True)
+        show = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}"], capture_output=True, text=True)
         if show.returncode:
-            raise SystemExit(f"error: row 3 needs commit {OLD} in this checkout's git history: {show.stderr.strip()}")
+            raise SystemExit(f"error: this bench needs commit {commit} in this checkout's git history: "
+                             f"{show.stderr.strip()}")
         (folder / name).write_text(show.stdout)
     return str(folder)
 

@@ -13,9 +13,7 @@ import argparse
 import importlib.util
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,11 +26,8 @@ import stepagent  # noqa: E402
 
 
 def old_stepagent(commit: str):
-    """The commit's stepagent.py as a module (its imports, data and envs, are this checkout's)."""
-    src = subprocess.run(["git", "-C", str(bench.ROOT), "show", f"{commit}:stepagent.py"], capture_output=True,
-                         text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "stepagent_old.py"
-    path.write_text(src)
+    """The commit's stepagent.py as a module (bench.old_code's copy; its imports, data and envs, are this checkout's)."""
+    path = Path(bench.old_code(commit)) / "stepagent.py"
     spec = importlib.util.spec_from_file_location("stepagent_old", path)
     mod = sys.modules["stepagent_old"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(mod)
