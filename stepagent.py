@@ -102,7 +102,7 @@ class Config:
     samples_per_step: int = 1  # K agent actions sampled per expert prefix
     temperature: float = 1.0  # sampling temperature of inspection (0 = greedy)
     max_new_tokens: int = 48  # per generated action
-    gen_batch_size: int = 0  # prefixes decoded together (0 = CPU 8, CUDA 64; CUDA inspection: see inspect_group)
+    gen_batch_size: int = 0  # generate(): prompts per batch; inspection: trajectories (0 = CPU 8; CUDA: inspect_group)
     packing: str = "tree"  # tree: one forward per trajectory + agent branches (4-D mask) | pairs: prompt+action rows
     tokens_per_batch: int = 0  # >0: micro-batches are rows of whole trees up to N tokens, not padded batch-size rows
     reflect_lr: float = 1e-6
@@ -830,18 +830,19 @@ def gen_batch(cfg: Config, rt: Runtime) -> int:
     return cfg.gen_batch_size or (64 if rt.device.type == "cuda" else 8)
 
 
-def inspect_group(cfg: Config, rt: Runtime, model) -> int:
-    """Prefixes inspect_cached decodes together: --gen-batch-size, or (0) on CUDA as many rows as a quarter of the GPU
-    holds KV caches for. A group's steps run one after another, and on an H200 the 135M's decode steps are bound by
-    kernel launches, not rows (64 trajectories' prefixes in 33.9 s; bench/RESULTS.md): fewer, larger groups."""
+def inspect_group(cfg: Config, rt: Runtime, model, columns: int) -> int:
+    """Trajectories inspect_tree decodes together, each a row of `columns` K/V columns (its trunk, and its lanes'
+    new tokens): --gen-batch-size, or (0) on CUDA as many as a quarter of the GPU holds 16-bit caches for (kv_rows),
+    since a group costs about one forward per new token whatever its rows (on an H200 the 135M's decode steps are
+    bound by kernel launches; bench/RESULTS.md)."""
     if cfg.gen_batch_size or rt.device.type != "cuda":
         return gen_batch(cfg, rt)
-    return kv_rows(model.config, cfg.max_length, torch.cuda.get_device_properties(rt.device).total_memory // 4)
+    return kv_rows(model.config, columns, torch.cuda.get_device_properties(rt.device).total_memory // 4)
 
 
 def kv_rows(config, tokens: int, budget: int) -> int:
-    """Rows whose 16-bit K/V caches of `tokens` tokens fit `budget` bytes twice (PrefixCachedPolicy's slot cache grows
-    by half again past what it needs; the prefill's activations), from 64 (the generate() default) to 1,024."""
+    """Rows whose 16-bit K/V caches of `tokens` tokens fit `budget` bytes twice (room for the trunks' prefill and the
+    lanes' logits), from 64 (the generate() default) to 1,024."""
     c = getattr(config, "text_config", config)
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -869,12 +870,12 @@ def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> lis
             steps = sorted(rng.sample(steps, min(cfg.steps_per_trajectory, len(steps))))
         slots += [(row, t) for t in steps for _ in range(cfg.samples_per_step)]
     mine = [i for i, (row, _) in enumerate(slots) if row % rt.world == rt.rank]
-    prompts = [encs[slots[i][0]].input_ids[:encs[slots[i][0]].action_spans[slots[i][1]][0]] for i in mine]  # h_t
     seed = derived_seed(cfg.seed, "inspect-sample", cycle, rt.rank)
     with gathered(model, rt):
-        if cfg.eval_cache and full_attention(model):  # h_t ⊂ h_{t+1}: a trajectory's prefixes share a growing cache
-            replies = inspect_cached(cfg, rt, model, tok, [slots[i] for i in mine], prompts, seed, f"inspect c{cycle}")
-        else:
+        if cfg.eval_cache and full_attention(model):  # h_t ⊂ h_{t+1} ⊂ ...: the trajectory is prefilled once
+            replies = inspect_tree(cfg, rt, model, tok, encs, [slots[i] for i in mine], seed, f"inspect c{cycle}")
+        else:  # the reference path: each h_t encoded on its own
+            prompts = [encs[slots[i][0]].input_ids[:encs[slots[i][0]].action_spans[slots[i][1]][0]] for i in mine]
             replies = generate(model, tok, rt, prompts, cfg.temperature, cfg.max_new_tokens, gen_batch(cfg, rt), seed,
                                desc=f"inspect c{cycle}")
     by_slot = dict(all_gather(list(zip(mine, replies)), rt))
@@ -888,29 +889,30 @@ def inspect(cfg: Config, rt: Runtime, model, tok, encs: list, cycle: int) -> lis
     return out
 
 
-def inspect_cached(cfg: Config, rt: Runtime, model, tok, slots: list[tuple[int, int]], prompts: list[list[int]],
-                   seed: int, desc: str) -> list[str]:
-    """The replies of inspect() through evaluation's KV-cached policy: a trajectory's K samples keep their caches
-    from step to step, so h_{t+1} prefills only â_t and o_t. Trajectories go inspect_group // K at a time."""
-    policy = PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens, cfg.temperature, seed, stop_at_action=False,
-                                graphs=cfg.cuda_graphs)
-    where: dict[tuple[int, int], list[int]] = {}  # (row, t) -> indices of its K slots
-    for i, slot in enumerate(slots):
-        where.setdefault(slot, []).append(i)
-    last: dict[int, int] = {}  # row -> its last inspected step
-    for row, t in where:
-        last[row] = max(last.get(row, -1), t)
-    # a group runs one step after another up to its longest member's last: long trajectories go together, first
-    rows, replies = sorted(last, key=lambda r: (-last[r], r)), [""] * len(slots)
-    for group in tqdm(batched(rows, max(1, inspect_group(cfg, rt, model) // cfg.samples_per_step)), desc=desc,
-                      disable=not rt.is_main or len(rows) <= 1, dynamic_ncols=True, leave=False):
-        members = set(group)
-        for t in sorted({t for row, t in where if row in members}):  # step by step, all the group's trajectories
-            idx = [i for row in group for i in where.get((row, t), [])]
-            keys = [(row, k) for row in group for k, _ in enumerate(where.get((row, t), []))]  # sample k of row
-            for i, reply in zip(idx, policy.act(keys, [prompts[i] for i in idx], keep_absent=True)):
-                replies[i] = reply
-        policy.reset()
+def inspect_tree(cfg: Config, rt: Runtime, model, tok, encs: list, slots: list[tuple[int, int]], seed: int,
+                 desc: str) -> list[str]:
+    """The replies of inspect() with each expert trajectory as a trunk and its inspected prefixes h_t (K samples
+    each) as branches that decode together (PrefixCachedPolicy.branches): a trajectory is prefilled once, and a group
+    of trajectories then costs one forward per new token. Groups: the longest trunks first, inspect_group at a time."""
+    policy = PrefixCachedPolicy(model, tok, rt, cfg.max_new_tokens, cfg.temperature, seed, stop_at_action=False)
+    lanes: dict[int, list[int]] = {}  # row -> the indices of its slots, a lane each
+    for i, (row, _) in enumerate(slots):
+        lanes.setdefault(row, []).append(i)
+    start = [encs[row].action_spans[t][0] for row, t in slots]  # |h_t|
+    trunk = {row: max(start[i] for i in idx) for row, idx in lanes.items()}  # up to the last inspected h_t
+    rows, replies = sorted(lanes, key=lambda r: (-trunk[r], r)), [""] * len(slots)
+    J = max(map(len, lanes.values()), default=0)
+    with tqdm(total=len(rows), desc=desc, disable=not rt.is_main or len(rows) <= 1, dynamic_ncols=True,
+              leave=False) as bar:
+        while rows:
+            n = inspect_group(cfg, rt, model, trunk[rows[0]] + J * cfg.max_new_tokens)
+            group, rows = rows[:n], rows[n:]
+            out = policy.branches([encs[r].input_ids[:trunk[r]] for r in group],
+                                  [[start[i] for i in lanes[r]] for r in group])
+            for r, got in zip(group, out):
+                for i, reply in zip(lanes[r], got):
+                    replies[i] = reply
+            bar.update(len(group))
     return replies
 
 
@@ -1307,11 +1309,11 @@ def slot_cache(state: SimpleNamespace):
                 dt = torch.get_autocast_dtype(k.device.type) if torch.is_autocast_enabled(k.device.type) else k.dtype
                 self.kv = [x.new_zeros(state.rows, x.shape[1], state.columns, x.shape[3], dtype=dt) for x in (k, v)]
                 self.device, self.dtype, self.is_initialized = k.device, dt, True  # what transformers 4.56-5 read
-            R, H, n, D = k.shape
+            (R, H, n, D), lo = k.shape, state.lo  # rows lo .. lo + R - 1 (0 but in inspection's trunk prefill)
             at = state.cols[:, None, :, None].expand(R, H, n, D)  # (R, H, n, D): row r's token j goes to cols[r, j]
             for buf, x in zip(self.kv, (k, v)):
-                buf[:R].scatter_(2, at, x.to(buf.dtype))
-            self.keys, self.values = (buf[:R, :, :state.hi] for buf in self.kv)
+                buf[lo:lo + R].scatter_(2, at, x.to(buf.dtype))
+            self.keys, self.values = (buf[lo:lo + R, :, :state.hi] for buf in self.kv)
             return self.keys, self.values
 
     return Cache(layer_class_to_replicate=SlotLayer)
@@ -1327,9 +1329,10 @@ class PrefixCachedPolicy:
     own row's columns up to itself.
     Exact by construction: a row is cut back to the longest common prefix of the ids it holds and the new prompt, so a
     reply that re-tokenises differently, or a history that is not an extension, only costs recomputation. A reply ends
-    at an end token or once data.action_is_final. Episodes absent from a call are dropped (keep_absent: kept), and the
-    live ones move to the first rows, so a forward runs on them alone. Plain argmax decoding, as generate(do_sample=
-    False) with no logits processors configured. Full-attention models only (full_attention).
+    at an end token or once data.action_is_final. Episodes absent from a call are dropped, and the live ones move to
+    the first rows, so a forward runs on them alone. Plain argmax decoding, as generate(do_sample=False) with no
+    logits processors configured (or plain sampling at a temperature). Full-attention models only (full_attention).
+    branches(): replies at many known prefixes of a few sequences at once (inspection), each prefix a branch.
     graphs=True (CUDA, --cuda-graphs): a decode step's shapes are fixed (rows in steps of 8, columns in steps of 256),
     so it is captured once as a CUDA graph and replayed: one launch instead of the hundreds a 30-layer forward makes,
     which bound the 135M's steps on an H200 (bench/RESULTS.md).
@@ -1345,7 +1348,7 @@ class PrefixCachedPolicy:
         self.gen = torch.Generator(rt.device).manual_seed(seed)
         self.eos = set(end_tokens(model, tok))
         # what slot_cache's layers read: capacity (rows x columns), this forward's write columns and attended columns
-        self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0)
+        self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, lo=0)
         self.cache = slot_cache(self.state)
         self.row: dict = {}  # episode key -> its row
         self.held: list[list[int]] = []  # per row: the ids whose K/V it holds, in columns 0 .. len - 1
@@ -1363,10 +1366,6 @@ class PrefixCachedPolicy:
         r, L = self.row[key], len(self.held[self.row[key]])
         return self.held[r], [(layer.kv[0][r:r + 1, :, :L], layer.kv[1][r:r + 1, :, :L]) for layer in self.cache.layers]
 
-    def reset(self) -> None:
-        """Forget every episode (their rows, and the ids the rows hold, are reused; the memory stays reserved)."""
-        self.row.clear()
-
     def _forward(self, ids: list[list[int]] | torch.Tensor, cache, keep: int | torch.Tensor = 1, **kw) -> torch.Tensor:
         """One forward over new tokens after the cached ones (the cache is written in place); logits at `keep`."""
         ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(ids, device=self.rt.device)
@@ -1379,33 +1378,31 @@ class PrefixCachedPolicy:
             return logits.argmax(-1).tolist()
         return torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=self.gen)[:, 0].tolist()
 
-    def act(self, keys: list, prompts: list[list[int]], keep_absent: bool = False) -> list[str]:
-        """Replies to prompt ids, each continuing the cache held under its key (keep_absent: keep the others too)."""
+    def act(self, keys: list, prompts: list[list[int]]) -> list[str]:
+        """Replies to prompt ids, each continuing the cache held under its key (the other keys' caches are dropped)."""
         if len(set(keys)) < len(keys):
             raise ValueError("PrefixCachedPolicy.act: each key at most once per call")
         with torch.no_grad(), self.rt.autocast():  # one autocast region: bf16 weight casts once per call
-            return self._act(keys, prompts, keep_absent)
+            return self._act(keys, prompts)
 
-    def _rows(self, keys: list, keep_absent: bool) -> list[int]:
-        """Each key's row: kept where it has one, else a free one; without keep_absent the others are dropped and the
-        keys end up in rows 0 .. len(keys) - 1 (a row moved down is one copy per layer, when an episode ends)."""
-        if not keep_absent:
-            self.row = {k: self.row[k] for k in keys if k in self.row}
+    def _rows(self, keys: list) -> list[int]:
+        """Each key's row: kept where it has one, else a free one; the keys end up in rows 0 .. len(keys) - 1 (a row
+        moved down is one copy per layer, when an episode ends)."""
+        self.row = {k: self.row[k] for k in keys if k in self.row}
         used = set(self.row.values())
         free = iter(r for r in range(len(keys) + len(used)) if r not in used)
         for key in keys:  # a new episode starts from what its row holds: the system prompt is common to all
             if key not in self.row:
                 self.row[key] = next(free)
         self._reserve(max(self.row.values()) + 1, 0)
-        if not keep_absent:
-            low = iter(r for r in range(len(keys)) if r not in set(self.row.values()))
-            for key in keys:
-                if (old := self.row[key]) >= len(keys):  # down into a free low row, its columns with it
-                    r, L = next(low), len(self.held[old])
-                    for layer in self.cache.layers:
-                        for buf in layer.kv:
-                            buf[r, :, :L] = buf[old, :, :L]
-                    self.held[r], self.held[old], self.row[key] = self.held[old], [], r
+        low = iter(r for r in range(len(keys)) if r not in set(self.row.values()))
+        for key in keys:
+            if (old := self.row[key]) >= len(keys):  # down into a free low row, its columns with it
+                r, L = next(low), len(self.held[old])
+                for layer in self.cache.layers:
+                    for buf in layer.kv:
+                        buf[r, :, :L] = buf[old, :, :L]
+                self.held[r], self.held[old], self.row[key] = self.held[old], [], r
         return [self.row[k] for k in keys]
 
     def _reserve(self, rows: int, columns: int) -> None:
@@ -1424,10 +1421,10 @@ class PrefixCachedPolicy:
         if self.graphs:
             self.graphs.clear()  # they read and write the old buffers
 
-    def _act(self, keys: list, prompts: list[list[int]], keep_absent: bool) -> list[str]:
+    def _act(self, keys: list, prompts: list[list[int]]) -> list[str]:
         self.model.eval()
-        dev, rows = self.rt.device, self._rows(keys, keep_absent)
-        R = max(rows) + 1  # rows run: the call's, and any kept row between them (fed padding, its cache untouched)
+        dev, rows = self.rt.device, self._rows(keys)
+        R = len(rows)  # rows 0 .. R - 1, and as a CUDA graph up to 8 more (fed padding, their caches untouched)
         if self.graphs is not None:
             R = -(-R // 8) * 8  # fewer graph shapes: rows in steps of 8
         self._reserve(R, 0)
@@ -1441,7 +1438,7 @@ class PrefixCachedPolicy:
                                                       min(len(h), len(ids)))
             length[r] = min(k, len(ids) - 1)
             new[r] = ids[length[r]:]
-        # 2. one prefill for all rows (a kept row not in this call gets padding past its columns)
+        # 2. one prefill for all rows (a row not in this call gets padding past its columns)
         first = self._pick(self._prefill(new, length, rows))
         for r, ids in zip(rows, prompts):
             self.held[r], length[r] = list(ids), len(ids)
@@ -1525,6 +1522,56 @@ class PrefixCachedPolicy:
         self.state.cols, self.state.hi = col, hi
         mask = torch.arange(hi, device=col.device) <= col  # (R, hi)
         return self._forward(feed[:, :1], self.cache, attention_mask=mask[:, None, None], position_ids=col)[:, -1]
+
+    def branches(self, trunks: list[list[int]], starts: list[list[int]], prefill_tokens: int = 2**16) -> list[list]:
+        """A reply at each prefix trunks[i][:p], p in starts[i] (inspection: h_t for each inspected t of an expert
+        trajectory, K times): row i holds its trunk once, and every prefix grows its reply as a lane of that row's
+        columns after the trunks. Lane j's token s sits at column base + s·J + j with position p - 1 + s and attends
+        the trunk's first p - 1 columns and its own earlier tokens: generate()'s attention and positions on
+        trunks[i][:p]. So a group costs a prefill of each trunk and then one forward per new token for all its lanes,
+        where acting step by step costs a prefill and a decode loop per step (bench/RESULTS.md)."""
+        self.model.eval()
+        self.state = s = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, lo=0)  # a cache shaped for this group
+        self.cache, self.row, self.held = slot_cache(s), {}, []
+        with torch.no_grad(), self.rt.autocast():
+            return self._branches(trunks, starts, prefill_tokens)
+
+    def _branches(self, trunks: list[list[int]], starts: list[list[int]], prefill_tokens: int) -> list[list[str]]:
+        dev, R, J, S = self.rt.device, len(trunks), max(map(len, starts)), self.max_new_tokens
+        base = max(map(len, trunks)) - 1  # a trunk's last token is fed by the lanes that start there
+        self._reserve(R, base + J * S)
+        # 1. the trunks (all but their last token), right-padded, in forwards of up to prefill_tokens tokens
+        n = max(1, prefill_tokens // max(base, 1))
+        for lo in range(0, R if base else 0, n):
+            ids = [t[:-1] + [0] * (base - len(t) + 1) for t in trunks[lo:lo + n]]
+            cols = torch.arange(base, device=dev).expand(len(ids), base)
+            self.state.cols, self.state.hi, self.state.lo = cols, base, lo
+            causal = torch.ones(base, base, dtype=torch.bool, device=dev).tril()
+            self._forward(ids, self.cache, position_ids=cols, attention_mask=causal.expand(len(ids), 1, base, base))
+        self.state.lo = 0
+        # 2. all lanes decode together; a padding lane (p = 1) sees only its own tokens and is never read
+        p = torch.tensor([st + [1] * (J - len(st)) for st in starts], device=dev)  # (R, J)
+        sees_trunk = torch.arange(base, device=dev) < (p - 1)[:, :, None]  # (R, J, base)
+        lane = torch.arange(J, device=dev)
+        feed = torch.tensor([[t[q - 1] for q in st] + [0] * (J - len(st)) for t, st in zip(trunks, starts)], device=dev)
+        replies = [[[] for _ in st] for st in starts]
+        live = [[True] * len(st) for st in starts]
+        for step in range(S):
+            self.state.cols, self.state.hi = base + step * J + lane.expand(R, J), base + (step + 1) * J
+            own = torch.arange((step + 1) * J, device=dev) % J == lane[:, None]  # (J, (step + 1) J): its own column
+            mask = torch.cat([sees_trunk, own.expand(R, J, -1)], 2)[:, None]
+            picked = self._pick(self._forward(feed, self.cache, J, position_ids=p - 1 + step, attention_mask=mask)
+                                .flatten(0, 1))
+            for i, st in enumerate(starts):
+                for j in range(len(st)):
+                    if live[i][j]:
+                        t = picked[i * J + j]
+                        replies[i][j].append(t)
+                        live[i][j] = t not in self.eos and not self._final(replies[i][j])
+            if not any(map(any, live)):
+                break
+            feed = torch.tensor(picked, device=dev).view(R, J)
+        return [[self.tok.decode(ts, skip_special_tokens=True).strip() for ts in r] for r in replies]
 
     def _final(self, reply: list[int]) -> bool:
         """The reply's action (and thought) can no longer change: stop decoding it (its text is checked at newlines)."""

@@ -806,35 +806,57 @@ def test_sliding_window_models_act_by_re_encoding(arch):
     assert isinstance(sa.make_act_fn(cfg, CPU, tiny_model("sdpa"), tiny_tokenizer()), sa.PrefixCachedPolicy)
 
 
-def test_cached_inspection_equals_generate_and_prefills_each_step_once(monkeypatch):
-    """Inspection through the KV-cached policy gives the greedy replies of generate() at every prefix (and a near-zero
-    temperature samples them too), while each trajectory's history is prefilled about once, not once per step."""
+@pytest.mark.parametrize("k", [1, 2])
+def test_tree_inspection_equals_generate_with_one_prefill_per_trajectory(monkeypatch, k):
+    """Inspection with each trajectory a trunk and its prefixes h_t branches (PrefixCachedPolicy.branches) gives the
+    greedy replies of generate() at every prefix, K per step (and a near-zero temperature samples them), while each
+    trajectory is prefilled once and a group decodes all its lanes in one forward per new token."""
     tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
     with torch.no_grad():  # a random final-norm gain: greedy replies depend on the prompt
         model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
     trajs = [make_traj(6, seed=40), make_traj(3, seed=41), make_traj(5, seed=42)]
     encs = [encode(t) for t in trajs]
-    cfg = small_cfg(temperature=0.0, max_new_tokens=6, gen_batch_size=2, steps_per_trajectory=4)  # groups of 2
+    cfg = small_cfg(temperature=0.0, max_new_tokens=6, gen_batch_size=2, steps_per_trajectory=4, samples_per_step=k)
     plain = sa.inspect(replace(cfg, eval_cache=False), CPU, model, tok, encs, cycle=1)
     fed, forward = [], sa.PrefixCachedPolicy._forward
 
-    def counting(self, ids, cache, *a, **kw):
-        if a:  # a prefill (it names the columns to read): its tokens, padding included
-            fed.append(sum(map(len, ids)))
+    def counting(self, ids, cache, *a, **kw):  # a trunk prefill gets lists, a lanes' step a tensor
+        fed.append(("decode", tuple(ids.shape)) if isinstance(ids, torch.Tensor) else ("prefill", sum(map(len, ids))))
         return forward(self, ids, cache, *a, **kw)
 
     monkeypatch.setattr(sa.PrefixCachedPolicy, "_forward", counting)
-    cached = sa.inspect(cfg, CPU, model, tok, encs, cycle=1)
-    assert [(i.row, i.t, i.agent) for i in cached] == [(i.row, i.t, i.agent) for i in plain]
+    tree = sa.inspect(cfg, CPU, model, tok, encs, cycle=1)
+    assert [(i.row, i.t, i.agent) for i in tree] == [(i.row, i.t, i.agent) for i in plain]
+    # groups of 2 (longest trunks first): trajectories 0 and 2 (4 steps, k lanes each), then 1 (3 steps, 3k lanes)
+    trunk = [max(encs[i.row].action_spans[i.t][0] for i in plain if i.row == r) - 1 for r in range(3)]
+    assert [n for kind, n in fed if kind == "prefill"] == [2 * max(trunk[0], trunk[2]), trunk[1]]
+    steps = [shape for kind, shape in fed if kind == "decode"]
+    assert set(steps) <= {(2, 4 * k), (1, 3 * k)} and len(steps) <= 2 * cfg.max_new_tokens
     every_prefix = sum(encs[i.row].action_spans[i.t][0] for i in plain)  # what generate() prefills
-    assert 0 < sum(fed) < every_prefix / 2.5  # 1,209 of 3,129 here; 1,437 if a skipped step dropped a cache
+    assert sum(n for kind, n in fed if kind == "prefill") < every_prefix / (2.5 * k)
     cold = sa.inspect(replace(cfg, temperature=1e-6), CPU, model, tok, encs, cycle=1)
     assert len({i.agent for i in plain}) > 1 and [i.agent for i in cold] == [i.agent for i in plain]
 
 
+def test_branches_prefill_trunks_in_chunks_of_rows():
+    """PrefixCachedPolicy.branches prefills its trunks in forwards of at most prefill_tokens tokens (row by row here,
+    each written at its own rows of the cache): the same replies as one forward, and as generate() on each prefix."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
+    with torch.no_grad():
+        model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    encs = [encode(make_traj(n, seed=50 + n)) for n in (4, 2, 5)]
+    starts = [[e.action_spans[t][0] for t in range(len(e.action_spans))] for e in encs]
+    trunks = [e.input_ids[:max(st)] for e, st in zip(encs, starts)]
+    policy = sa.PrefixCachedPolicy(tiny_model("sdpa", seed=1), tok, CPU, 5)
+    policy.model = model
+    whole, rows = policy.branches(trunks, starts), policy.branches(trunks, starts, prefill_tokens=1)
+    each = sa.generate(model, tok, CPU, [t[:p] for t, st in zip(trunks, starts) for p in st], 0.0, 5, 4, seed=0)
+    assert whole == rows and [r for got in whole for r in got] == each and len(set(each)) > 1
+
+
 def test_inspection_groups_by_kv_memory_on_cuda_only():
-    """inspect_group: --gen-batch-size when given, 8 on a CPU; on CUDA the rows whose 16-bit K/V caches of --max-length
-    tokens fit a quarter of the GPU twice, from 64 to 1,024 (hand count for SmolLM2-135M's shape on an H200)."""
+    """inspect_group: --gen-batch-size when given, 8 on a CPU; on CUDA the rows (trajectories) whose 16-bit K/V caches
+    of a group's columns fit a quarter of the GPU twice, from 64 to 1,024 (hand count for SmolLM2-135M on an H200)."""
     from transformers import LlamaConfig
 
     smol = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
@@ -845,7 +867,8 @@ def test_inspection_groups_by_kv_memory_on_cuda_only():
     eight_b = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
     assert sa.kv_rows(eight_b, 4096, 80 * 2**30 // 4) == 64  # 18 would fit: a 7-8B keeps the generate() default
     cfg = small_cfg(gen_batch_size=0)
-    assert sa.inspect_group(cfg, CPU, None) == 8 and sa.inspect_group(replace(cfg, gen_batch_size=5), CPU, None) == 5
+    assert sa.inspect_group(cfg, CPU, None, 2048) == 8
+    assert sa.inspect_group(replace(cfg, gen_batch_size=5), CPU, None, 2048) == 5
 
 
 def test_batched_generation_equals_one_prompt_at_a_time():
@@ -1377,8 +1400,8 @@ def _inspect_on_a_rank(out: Path, cfg: sa.Config, encs: list) -> None:
             "ref_same": all(torch.equal(a.to_local(), b.to_local())
                             for a, b in zip(ref.parameters(), model.parameters(), strict=True)),
             "ref_frozen": not any(p.requires_grad for p in ref.parameters())}
-    mine, cached = [], sa.inspect_cached
-    sa.inspect_cached = lambda cfg, rt, m, tok, slots, *a: mine.extend(slots) or cached(cfg, rt, m, tok, slots, *a)
+    mine, tree = [], sa.inspect_tree
+    sa.inspect_tree = lambda cfg, rt, m, tok, encs, slots, *a: mine.extend(slots) or tree(cfg, rt, m, tok, encs, slots, *a)
     items = sa.inspect(cfg, rt, model, tiny_tokenizer(), encs, cycle=1)
     (out / f"rank{rt.rank}.json").write_text(json.dumps({"mine": mine, "items": [(i.row, i.t, i.agent) for i in items],
                                                          **plan}))

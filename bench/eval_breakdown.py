@@ -4,7 +4,7 @@ bookkeeping, and the harness (engine steps, game starts, pipes), for one policy 
     python bench/eval_breakdown.py --model 135m --games 16 --batch 8 --max-steps 8 --new-tokens 16
     python bench/eval_breakdown.py --dtype bf16 --checkpoint RUN/ckpt-N --games 24 --batch 24 --new-tokens 24
     python bench/eval_breakdown.py --engine     # one engine alone: game load + reset, and a step, in this process
-    python bench/eval_breakdown.py --inspect 4  # inspection of 4 trajectories: generate() vs the KV-cached policy
+    python bench/eval_breakdown.py --inspect 4  # inspection of 4 trajectories: generate() vs the KV-cached path
     python bench/eval_breakdown.py --decode 24 1000 --dtype bf16   # a decode step: DynamicCache vs the slot cache
     STEPAGENT_BENCH_CODE=DIR python bench/eval_breakdown.py ...   # the same for the code in DIR (e.g. bench.OLD's)
 
@@ -79,7 +79,9 @@ def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, ne
 
 def inspection_speed(model_name: str, n: int, new_tokens: int) -> None:
     """inspect() over every expert prefix of n median-length trajectories: generate() re-encoding each prefix vs the
-    KV-cached policy (greedy, so both give the same replies), one after the other in this process."""
+    KV-cached path (greedy, so both give the same replies), one after the other in this process. The cached path is
+    inspect_tree here (each trajectory prefilled once, its prefixes decoded together as branches); with 2d6907d's
+    files or older ones (STEPAGENT_BENCH_CODE) it is their policy acting step by step on kept caches."""
     rt = bench.runtime()
     model, tok = bench.load_model(model_name, rt)
     encs = bench.expert_set(tok, os.environ.get("ALFWORLD_DATA") or str(bench.ROOT.parent / "shared" / "alfworld"),

@@ -30,8 +30,8 @@
 #        warm start, or else a 1-epoch SFT on 400 trajectories trained first.
 # graphs: --cuda-graphs (the cached policy's decode steps replayed as CUDA graphs): one decode step of 64 rows after
 #        1,000 columns (DynamicCache, slot cache, graph), the 134 valid_unseen games with and without it (wall seconds,
-#        same actions per game), inspection of 400 trajectories with it (CUDA_GRAPHS=both inspect: with and without);
-#        CKPT or a checkpoint as inspect's; ~8 minutes at most
+#        same actions per game), then inspection of 400 trajectories (tree-decoded: no graphs); CKPT or a checkpoint
+#        as inspect's; ~8 minutes at most
 # breakdown: bench/eval_breakdown.py on the GPU with that checkpoint (render, prefill, decode, cache bookkeeping,
 #        harness; 64 games at once, 40 turns), and one engine alone. In one call after the setup calls:
 #        . /root/w/env.sh && bash bench/gpu_check.sh inspect $OUT; bash bench/gpu_check.sh breakdown $OUT
@@ -50,20 +50,20 @@ sft=(--preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 0
 inspect_400() {  # inspection of every expert prefix of 400 trajectories with checkpoint $1, timed (target <= 30 s):
   # the default groups (inspect_group: what GPU memory holds), then 64 trajectories at a time (--gen-batch-size 64)
   timeout "${INSPECT_TIMEOUT:-600}" python - "$1" >> "$out/inspect.json" 2>> "$out/inspect.log" <<'PY'
-import contextlib, json, os, sys, time
+import contextlib, json, sys, time
 import data, stepagent as sa
 with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
     rt = sa.setup_runtime(sa.Config())
     model, tok = sa.load_policy(sys.argv[1], rt)
 encs, _ = data.encode_dataset(tok, data.load_trajectories(data.default_expert_path("alfworld"))[:400], 2048)
-graphs = os.environ.get("CUDA_GRAPHS", "0")  # 1: the default groups with --cuda-graphs; both: then without too
-runs = {"0": ((0, False), (64, False)), "1": ((0, True),), "both": ((0, True), (0, False))}[graphs]
-for gen_batch_size, cuda_graphs in runs:
-    cfg = sa.Config(temperature=1.0, gen_batch_size=gen_batch_size, cuda_graphs=cuda_graphs)
+groups, branches = [], sa.PrefixCachedPolicy.branches  # the rows of each group inspect_tree decodes
+sa.PrefixCachedPolicy.branches = lambda self, trunks, *a: groups.append(len(trunks)) or branches(self, trunks, *a)
+for gen_batch_size in (0, 64):
+    cfg, groups[:] = sa.Config(temperature=1.0, gen_batch_size=gen_batch_size), []
     t0 = time.time()
     items = sa.inspect(cfg, rt, model, tok, encs, cycle=1)
     print(json.dumps({"trajectories": len(encs), "prefixes": len(items), "seconds": time.time() - t0,
-                      "group": sa.inspect_group(cfg, rt, model), "cuda_graphs": cuda_graphs,
+                      "gen_batch_size": gen_batch_size, "groups": groups,
                       "agreement": sum(i.agree for i in items) / len(items)}), flush=True)
 PY
 }
@@ -102,7 +102,7 @@ elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /r
   python bench/fsdp_memory.py --out /root/w/fsdp 2>&1 | quiet > "$out/fsdp.log"
   cp /root/w/fsdp/fsdp.json /root/w/fsdp/*.log "$out/"
   for m in ddp fsdp fsdp+ckpt; do cp /root/w/fsdp/run-$m/metrics.jsonl "$out/metrics-$m.jsonl"; done
-elif [ "$mode" = inspect ]; then  # CUDA_GRAPHS=1 or both: with --cuda-graphs (see inspect_400)
+elif [ "$mode" = inspect ]; then
   inspect_400 "$(checkpoint)"
 elif [ "$mode" = breakdown ]; then  # where a GPU evaluation turn goes: 64 valid_seen games at once, 40 turns
   for g in "" --cuda-graphs; do  # shellcheck disable=SC2086  (an empty flag is no word)
@@ -129,7 +129,7 @@ same = [g for g in runs[0] if g in runs[1] and [s["action"] for s in runs[0][g][
         == [s["action"] for s in runs[1][g]["transcript"]]]
 print(json.dumps({"games": len(runs[0]), "same_actions": len(same), "won": [sum(r["won"] for r in x.values()) for x in runs]}))
 PY
-  CUDA_GRAPHS=1 INSPECT_TIMEOUT=100 inspect_400 "$ck"
+  INSPECT_TIMEOUT=100 inspect_400 "$ck"
 elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (--preset auto = gpu), end to end
   run=/root/w/runs/auto; again=$([ -e $run/metrics.jsonl ] && echo --resume)  # past one call: run the mode again
   timeout 570 /usr/bin/time -v python stepagent.py --env alfworld --out $run $again 2>&1 | quiet > "$out/auto.log"
