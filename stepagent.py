@@ -127,7 +127,7 @@ class Config:
     eval_games: int = 0  # games per eval split (0 = no evaluation, -1 = all: 140 seen / 134 unseen)
     eval_splits: str = ""  # comma-separated (default: valid_seen,valid_unseen; sciworld: dev,test; webshop: test)
     eval_batch: int = 0  # environments played in parallel (0 = from the machine: see auto_eval_batch)
-    eval_cache: bool = True  # keep each episode's KV cache across turns (--no-eval-cache: re-encode every turn)
+    eval_cache: bool = True  # KV caches kept across turns; inspection as trees (--no-eval-cache: re-encode, generate)
     cuda_graphs: bool = False  # CUDA: the cached policy's decode steps as CUDA graphs (off until a GPU run shows gains)
     eval_every: int = 0  # also evaluate after SFT and every N cycles (0 = only at the end; SFT vs StepAgent printed)
     max_steps: int = 0  # turns per episode (0 = env's: ALFWorld 40 as ETO, IPR 20; ScienceWorld ETO's per task; QA 7)
@@ -193,8 +193,8 @@ PRESETS: dict[str, dict] = {
 }
 EXPECTED = {  # printed at start: what the auto preset's branches cost where they were measured
     "cpu": "about 18 min on 2 cores with AMX (bench/RESULTS.md, CPU preset); without AMX, fp32 is several times slower",
-    "gpu": "about 20 min on one H200 (bench/RESULTS.md, e1c1573): SFT 3.6 min + 2 cycles (inspection of 400 "
-           "trajectories ~4 min each) + 4 evaluations of ~137 games (~2.2 min each)",
+    "gpu": "at most about 20 min on one H200 (bench/RESULTS.md, e1c1573): SFT 3.6 min + 2 cycles (inspection of 400 "
+           "trajectories ~4 min each then, since decoded as trees) + 4 evaluations of ~137 games (~2.2 min each)",
 }
 
 
@@ -906,6 +906,7 @@ def inspect_tree(cfg: Config, rt: Runtime, model, tok, encs: list, slots: list[t
               leave=False) as bar:
         while rows:
             n = inspect_group(cfg, rt, model, trunk[rows[0]] + J * cfg.max_new_tokens)
+            n = -(-len(rows) // -(-len(rows) // n))  # as many groups as n asks for, of even sizes (no last straggler)
             group, rows = rows[:n], rows[n:]
             out = policy.branches([encs[r].input_ids[:trunk[r]] for r in group],
                                   [[start[i] for i in lanes[r]] for r in group])

@@ -5,6 +5,8 @@ bookkeeping, and the harness (engine steps, game starts, pipes), for one policy 
     python bench/eval_breakdown.py --dtype bf16 --checkpoint RUN/ckpt-N --games 24 --batch 24 --new-tokens 24
     python bench/eval_breakdown.py --engine     # one engine alone: game load + reset, and a step, in this process
     python bench/eval_breakdown.py --inspect 4  # inspection of 4 trajectories: generate() vs the KV-cached path
+    python bench/eval_breakdown.py --inspect 32 --inspect-steps 2 --samples 2 --new-tokens 48 --checkpoint CK \
+        --no-generate   # a sweep cell's inspection settings, the cached path alone
     python bench/eval_breakdown.py --decode 24 1000 --dtype bf16   # a decode step: DynamicCache vs the slot cache
     STEPAGENT_BENCH_CODE=DIR python bench/eval_breakdown.py ...   # the same for the code in DIR (e.g. bench.OLD's)
 
@@ -77,24 +79,31 @@ def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, ne
         print(f"  {k:32s} {totals[k]:7.2f} s  {1000 * totals[k] / turns:7.1f} ms per episode-turn")
 
 
-def inspection_speed(model_name: str, n: int, new_tokens: int) -> None:
-    """inspect() over every expert prefix of n median-length trajectories: generate() re-encoding each prefix vs the
-    KV-cached path (greedy, so both give the same replies), one after the other in this process. The cached path is
-    inspect_tree here (each trajectory prefilled once, its prefixes decoded together as branches); with 2d6907d's
-    files or older ones (STEPAGENT_BENCH_CODE) it is their policy acting step by step on kept caches."""
+def inspection_speed(model_name: str, n: int, new_tokens: int, checkpoint: str = "", steps: int = 0, samples: int = 1,
+                     reference: bool = True) -> None:
+    """inspect() over every expert prefix (or `steps` random ones, `samples` times) of n median-length trajectories:
+    generate() re-encoding each prefix vs the KV-cached path (greedy, so both give the same replies), one after the
+    other in this process. The cached path is inspect_tree here (each trajectory prefilled once, its prefixes decoded
+    together as branches); with 2d6907d's files or older ones (STEPAGENT_BENCH_CODE) it is their policy acting step by
+    step on kept caches. reference=False: the cached path alone."""
     rt = bench.runtime()
-    model, tok = bench.load_model(model_name, rt)
+    model, tok = stepagent.load_policy(checkpoint, rt) if checkpoint else bench.load_model(model_name, rt)
     encs = bench.expert_set(tok, os.environ.get("ALFWORLD_DATA") or str(bench.ROOT.parent / "shared" / "alfworld"),
                             n, 0.5)
     times, replies = {}, {}
-    for cache in (False, True):
-        cfg = stepagent.Config(temperature=0.0, max_new_tokens=new_tokens, eval_cache=cache)
+    for cache in (False, True) if reference else (True,):
+        cfg = stepagent.Config(temperature=0.0, max_new_tokens=new_tokens, eval_cache=cache,
+                               steps_per_trajectory=steps, samples_per_step=samples)
         t0 = time.perf_counter()
         replies[cache] = [i.agent for i in stepagent.inspect(cfg, rt, model.eval(), tok, encs, cycle=1)]
         times[cache] = time.perf_counter() - t0
-    print(f"{model_name}: {len(replies[True])} prefixes of {len(encs)} trajectories: generate {times[False]:.1f} s, "
-          f"KV-cached {times[True]:.1f} s ({times[False] / times[True]:.2f}x); same replies: "
-          f"{sum(a == b for a, b in zip(replies[False], replies[True]))}/{len(replies[True])}")
+    line = f"{checkpoint or model_name}: {len(replies[True])} prefixes of {len(encs)} trajectories: "
+    if reference:
+        line += (f"generate {times[False]:.1f} s, KV-cached {times[True]:.1f} s ({times[False] / times[True]:.2f}x); "
+                 f"same replies: {sum(a == b for a, b in zip(replies[False], replies[True]))}/{len(replies[True])}")
+    else:
+        line += f"KV-cached {times[True]:.1f} s, {sum(map(len, replies[True])) / len(replies[True]):.1f} chars a reply"
+    print(line)
 
 
 def decode_step(model_name: str, rows: int, columns: int, dtype: str, steps: int = 12) -> None:
@@ -159,13 +168,16 @@ if __name__ == "__main__":
     p.add_argument("--engine", action="store_true", help="time one engine alone instead")
     p.add_argument("--cuda-graphs", action="store_true", help="the policy with --cuda-graphs (CUDA)")
     p.add_argument("--inspect", type=int, default=0, metavar="N", help="time inspection of N trajectories instead")
+    p.add_argument("--inspect-steps", type=int, default=0, metavar="S", help="--inspect: S random steps per trajectory")
+    p.add_argument("--samples", type=int, default=1, metavar="K", help="--inspect: K replies per step")
+    p.add_argument("--no-generate", action="store_true", help="--inspect: time the KV-cached path alone")
     p.add_argument("--decode", nargs=2, type=int, metavar=("ROWS", "COLUMNS"),
                    help="time one decode step with transformers' DynamicCache vs the slot cache instead")
     a = p.parse_args()
     if a.decode:
         decode_step(a.model, *a.decode, a.dtype)
     elif a.inspect:
-        inspection_speed(a.model, a.inspect, a.new_tokens)
+        inspection_speed(a.model, a.inspect, a.new_tokens, a.checkpoint, a.inspect_steps, a.samples, not a.no_generate)
     else:
         engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens,
                                                                      a.dtype, a.checkpoint, a.cuda_graphs)
