@@ -842,12 +842,12 @@ def inspect_group(cfg: Config, rt: Runtime, model, columns: int) -> int:
 
 def kv_rows(config, tokens: int, budget: int) -> int:
     """Rows whose 16-bit K/V caches of `tokens` tokens fit `budget` bytes twice (room for the trunks' prefill and the
-    lanes' logits), from 64 (the generate() default) to 1,024."""
+    lanes' logits), from 1 to 1,024: a 7-8B model's trees of 4,096-token trajectories fit only a few rows."""
     c = getattr(config, "text_config", config)
     kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * 2  # K and V, 2 bytes each
-    return max(64, min(1024, budget // (2 * per_token * tokens)))
+    return max(1, min(1024, budget // (2 * per_token * tokens)))
 
 
 def end_tokens(model, tok) -> list[int]:

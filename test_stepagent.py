@@ -856,16 +856,19 @@ def test_branches_prefill_trunks_in_chunks_of_rows():
 
 def test_inspection_groups_by_kv_memory_on_cuda_only():
     """inspect_group: --gen-batch-size when given, 8 on a CPU; on CUDA the rows (trajectories) whose 16-bit K/V caches
-    of a group's columns fit a quarter of the GPU twice, from 64 to 1,024 (hand count for SmolLM2-135M on an H200)."""
+    of a group's columns fit a quarter of the GPU twice, from 1 to 1,024 (hand counts for SmolLM2-135M on an H200,
+    a Llama-3-8B on an 80 GB GPU)."""
     from transformers import LlamaConfig
 
     smol = LlamaConfig(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3)
     per_token = 2 * 30 * 3 * 64 * 2  # K and V, layers, KV heads, head dim 576 / 9, bytes
     h200 = 143_771 * 2**20 // 4
     assert sa.kv_rows(smol, 2048, h200) == h200 // (2 * per_token * 2048) == 399
-    assert sa.kv_rows(smol, 2048, 10**9) == 64 and sa.kv_rows(smol, 16, h200) == 1024  # the clamps
+    assert sa.kv_rows(smol, 2048, 10**6) == 1 and sa.kv_rows(smol, 16, h200) == 1024  # the clamps
     eight_b = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
-    assert sa.kv_rows(eight_b, 4096, 80 * 2**30 // 4) == 64  # 18 would fit: a 7-8B keeps the generate() default
+    per_token = 2 * 32 * 8 * 128 * 2
+    trunk_and_lanes = 4096 + 60 * 64  # a 60-step trajectory's tree at --max-length 4096, --max-new-tokens 64
+    assert sa.kv_rows(eight_b, trunk_and_lanes, 80 * 2**30 // 4) == 80 * 2**30 // 4 // (2 * per_token * 7936) == 10
     cfg = small_cfg(gen_batch_size=0)
     assert sa.inspect_group(cfg, CPU, None, 2048) == 8
     assert sa.inspect_group(replace(cfg, gen_batch_size=5), CPU, None, 2048) == 5
