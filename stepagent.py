@@ -152,7 +152,7 @@ class Config:
                   ("beta", self.beta > 0, "> 0"), ("samples-per-step", self.samples_per_step >= 1, ">= 1"),
                   ("grad-accum", self.grad_accum >= 1, ">= 1"), ("batch-size", self.batch_size >= 1, ">= 1"),
                   ("val-fraction", 0 <= self.val_fraction < 1, "in [0, 1)"),
-                  ("max-length", self.max_length >= 16, ">= 16"),
+                  ("max-length", self.max_length >= 16, ">= 16"), ("max-new-tokens", self.max_new_tokens >= 1, ">= 1"),
                   ("eval-games", self.eval_games >= -1, "-1 (all), 0 (none) or a positive count"),
                   ("eval-batch", self.eval_batch >= 0, ">= 0 (0: from the machine)"),
                   ("gen-batch-size", self.gen_batch_size >= 0, ">= 0 (0: from the device)"),
@@ -1373,11 +1373,11 @@ class PrefixCachedPolicy:
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **{self.cache_kw: cache}, **kw)
         return out.logits.float()
 
-    def _pick(self, logits: torch.Tensor) -> list[int]:
-        """argmax, or at a temperature plain sampling (no top-k/top-p: as generate() in inspection)."""
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """argmax, or at a temperature plain sampling (no top-k/top-p: as generate() in inspection): (N, V) -> (N,)."""
         if self.temperature <= 0:
-            return logits.argmax(-1).tolist()
-        return torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=self.gen)[:, 0].tolist()
+            return logits.argmax(-1)
+        return torch.multinomial(torch.softmax(logits / self.temperature, -1), 1, generator=self.gen)[:, 0]
 
     def act(self, keys: list, prompts: list[list[int]]) -> list[str]:
         """Replies to prompt ids, each continuing the cache held under its key (the other keys' caches are dropped)."""
@@ -1440,7 +1440,7 @@ class PrefixCachedPolicy:
             length[r] = min(k, len(ids) - 1)
             new[r] = ids[length[r]:]
         # 2. one prefill for all rows (a row not in this call gets padding past its columns)
-        first = self._pick(self._prefill(new, length, rows))
+        first = self._pick(self._prefill(new, length, rows)).tolist()
         for r, ids in zip(rows, prompts):
             self.held[r], length[r] = list(ids), len(ids)
         # 3. decode all episodes together, until each reply ends (an end token, or its action can no longer change);
@@ -1455,7 +1455,7 @@ class PrefixCachedPolicy:
             for i, r in enumerate(rows):
                 feed[r][0] = replies[i][-1]
             logits = self._decode(torch.tensor(feed, device=dev), max(length) + 1)
-            for i, t in enumerate(self._pick(logits[rows])):
+            for i, t in enumerate(self._pick(logits[rows]).tolist()):
                 if live[i]:
                     self.held[rows[i]].append(replies[i][-1])
                     length[rows[i]] += 1
@@ -1530,7 +1530,8 @@ class PrefixCachedPolicy:
         columns after the trunks. Lane j's token s sits at column base + s·J + j with position p - 1 + s and attends
         the trunk's first p - 1 columns and its own earlier tokens: generate()'s attention and positions on
         trunks[i][:p]. So a group costs a prefill of each trunk and then one forward per new token for all its lanes,
-        where acting step by step costs a prefill and a decode loop per step (bench/RESULTS.md)."""
+        where acting step by step costs a prefill and a decode loop per step (bench/RESULTS.md). A reply ends at an end
+        token or after max_new_tokens (inspection samples whole replies: stop_at_action does not apply)."""
         self.model.eval()
         self.state = s = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, lo=0)  # a cache shaped for this group
         self.cache, self.row, self.held = slot_cache(s), {}, []
@@ -1542,42 +1543,44 @@ class PrefixCachedPolicy:
         base = max(map(len, trunks)) - 1  # a trunk's last token is fed by the lanes that start there
         self._reserve(R, base + J * S)
         # 1. the trunks (all but their last token), right-padded, in forwards of up to prefill_tokens tokens
-        n = max(1, prefill_tokens // max(base, 1))
+        n, causal = max(1, prefill_tokens // max(base, 1)), torch.ones(base, base, dtype=torch.bool, device=dev).tril()
         for lo in range(0, R if base else 0, n):
             ids = [t[:-1] + [0] * (base - len(t) + 1) for t in trunks[lo:lo + n]]
             cols = torch.arange(base, device=dev).expand(len(ids), base)
             self.state.cols, self.state.hi, self.state.lo = cols, base, lo
-            causal = torch.ones(base, base, dtype=torch.bool, device=dev).tril()
             self._forward(ids, self.cache, position_ids=cols, attention_mask=causal.expand(len(ids), 1, base, base))
         self.state.lo = 0
-        # 2. all lanes decode together; a padding lane (p = 1) sees only its own tokens and is never read
+        # 2. all lanes decode together, the new tokens staying on the device (one sync a step: have all ended?); a
+        #    padding lane (p = 1) sees only its own tokens and is never read
         p = torch.tensor([st + [1] * (J - len(st)) for st in starts], device=dev)  # (R, J)
         sees_trunk = torch.arange(base, device=dev) < (p - 1)[:, :, None]  # (R, J, base)
         lane = torch.arange(J, device=dev)
         feed = torch.tensor([[t[q - 1] for q in st] + [0] * (J - len(st)) for t, st in zip(trunks, starts)], device=dev)
-        replies = [[[] for _ in st] for st in starts]
-        live = [[True] * len(st) for st in starts]
+        ended = lane >= torch.tensor([len(st) for st in starts], device=dev)[:, None]  # (R, J): padding lanes
+        eos, new = torch.tensor(sorted(self.eos), device=dev), []
         for step in range(S):
             self.state.cols, self.state.hi = base + step * J + lane.expand(R, J), base + (step + 1) * J
             own = torch.arange((step + 1) * J, device=dev) % J == lane[:, None]  # (J, (step + 1) J): its own column
             mask = torch.cat([sees_trunk, own.expand(R, J, -1)], 2)[:, None]
-            picked = self._pick(self._forward(feed, self.cache, J, position_ids=p - 1 + step, attention_mask=mask)
-                                .flatten(0, 1))
-            for i, st in enumerate(starts):
-                for j in range(len(st)):
-                    if live[i][j]:
-                        t = picked[i * J + j]
-                        replies[i][j].append(t)
-                        live[i][j] = t not in self.eos and not self._final(replies[i][j])
-            if not any(map(any, live)):
+            logits = self._forward(feed, self.cache, J, position_ids=p - 1 + step, attention_mask=mask)
+            feed = self._pick(logits.flatten(0, 1)).view(R, J)
+            new.append(feed)
+            ended |= torch.isin(feed, eos)
+            if ended.all():
                 break
-            feed = torch.tensor(picked, device=dev).view(R, J)
-        return [[self.tok.decode(ts, skip_special_tokens=True).strip() for ts in r] for r in replies]
+        # 3. each lane's reply: its tokens up to and with its first end token
+        replies = []
+        for i, lanes in enumerate(torch.stack(new, 2).tolist()):
+            replies.append([])
+            for ids in lanes[:len(starts[i])]:
+                end = next((k for k, t in enumerate(ids) if t in self.eos), len(ids) - 1)
+                replies[-1].append(self.tok.decode(ids[:end + 1], skip_special_tokens=True).strip())
+        return replies
 
     def _final(self, reply: list[int]) -> bool:
         """The reply's action (and thought) can no longer change: stop decoding it (its text is checked at newlines)."""
-        tail = self.tok.decode(reply[-1:])
-        return self.stop_at_action and "\n" in tail and data.action_is_final(self.tok.decode(reply))
+        return (self.stop_at_action and "\n" in self.tok.decode(reply[-1:])
+                and data.action_is_final(self.tok.decode(reply)))
 
 
 # ============================================================================ 9. Run directory, checkpoints, resume

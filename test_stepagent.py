@@ -1472,7 +1472,7 @@ def test_presets_shorten_episodes_but_never_lengthen_an_envs_cap():
 
 
 def test_bad_input_fails_early_with_one_line(tiny_dir, tmp_path):
-    """A malformed JSONL line, an unknown --method and a used --out each stop the run with a one-line message."""
+    """A malformed JSONL line, an unknown --method, a bad count and a used --out each stop the run with one line."""
     bad = write_jsonl(tmp_path / "bad.jsonl", [make_traj(2, seed=60)])
     bad.write_text(bad.read_text() + '{"id": "x", "steps": [\n')
     with pytest.raises(SystemExit) as e:
@@ -1485,6 +1485,8 @@ def test_bad_input_fails_early_with_one_line(tiny_dir, tmp_path):
     for games in ("-5", "-2"):  # -1 = all games, 0 = none, n > 0 = the first n: nothing else
         with pytest.raises(SystemExit, match=f"--eval-games={games}: expected -1 .all., 0 .none. or a positive count"):
             sa.main(["--eval-games", games, "--out", str(tmp_path / "r3")])
+    with pytest.raises(SystemExit, match="--max-new-tokens=0: expected >= 1"):  # a reply has at least one token
+        sa.parse_config(["--max-new-tokens", "0"])
     good = write_jsonl(tmp_path / "good.jsonl", [make_traj(2, seed=61), make_traj(3, seed=62)])
     used = tmp_path / "used"
     (used / "ckpt-000004").mkdir(parents=True)
