@@ -1310,14 +1310,28 @@ def slot_cache(state: SimpleNamespace):
                 dt = torch.get_autocast_dtype(k.device.type) if torch.is_autocast_enabled(k.device.type) else k.dtype
                 self.kv = [x.new_zeros(state.rows, x.shape[1], state.columns, x.shape[3], dtype=dt) for x in (k, v)]
                 self.device, self.dtype, self.is_initialized = k.device, dt, True  # what transformers 4.56-5 read
-            (R, H, n, D), lo = k.shape, state.lo  # rows lo .. lo + R - 1 (0 but in inspection's trunk prefill)
-            at = state.cols[:, None, :, None].expand(R, H, n, D)  # (R, H, n, D): row r's token j goes to cols[r, j]
-            for buf, x in zip(self.kv, (k, v)):
-                buf[lo:lo + R].scatter_(2, at, x.to(buf.dtype))
-            self.keys, self.values = (buf[lo:lo + R, :, :state.hi] for buf in self.kv)
+            R, H, n, D = k.shape
+            sel = slice(0, R) if state.sel is None else state.sel  # the rows run: a range, or (a tensor) a few rows
+            for buf, x in zip(self.kv, (k, v)):  # row r's token j goes to column cols[r, j]
+                if isinstance(sel, slice):
+                    buf[sel].scatter_(2, state.cols[:, None, :, None].expand(R, H, n, D), x.to(buf.dtype))
+                else:  # indexed writes; the reads below copy these rows
+                    buf[sel[:, None], :, state.cols] = x.transpose(1, 2).to(buf.dtype)
+            self.keys, self.values = (buf[sel, :, :state.hi] for buf in self.kv)
             return self.keys, self.values
 
     return Cache(layer_class_to_replicate=SlotLayer)
+
+
+def prefill_width(lens: list[int], forward_cost: int) -> int:
+    """The new tokens M a prefill runs for every row at once, the rows with more running the rest in a second forward:
+    the M (one of lens) that runs fewest tokens, padding included, a second forward counted as forward_cost tokens
+    (on a 2-core CPU a token of the 135M costs ~2.5 ms and a forward of a few rows ~20-40 ms more; on CUDA a forward
+    is bound by its launches, thousands of tokens' worth)."""
+    def cost(m: int) -> int:
+        more = sum(n > m for n in lens)  # rows in the second forward, each padded to the longest's rest
+        return len(lens) * m + more * (max(lens) - m) + (forward_cost if more else 0)
+    return min(sorted({n for n in lens if n}), key=cost)  # (a row fed no token, 0, is not in the call)
 
 
 class PrefixCachedPolicy:
@@ -1325,9 +1339,9 @@ class PrefixCachedPolicy:
 
     h_{t+1} = h_t + a_t + o_t, so a turn prefills only what is new (o_t and the chat markup) instead of the whole
     history, which dominates the cost of acting once histories grow (bench row 3). Each episode owns a row of one
-    slot_cache; all live episodes prefill in one forward (new tokens right-padded) and then decode together, each
-    row writing at its own next column, with position_ids equal to columns and a 4-D mask that shows a token only its
-    own row's columns up to itself.
+    slot_cache; all live episodes prefill in one forward (new tokens right-padded; or two, prefill_width) and then
+    decode together, each row writing at its own next column, with position_ids equal to columns and a 4-D mask that
+    shows a token only its own row's columns up to itself.
     Exact by construction: a row is cut back to the longest common prefix of the ids it holds and the new prompt, so a
     reply that re-tokenises differently, or a history that is not an extension, only costs recomputation. A reply ends
     at an end token or once data.action_is_final. Episodes absent from a call are dropped, and the live ones move to
@@ -1349,7 +1363,7 @@ class PrefixCachedPolicy:
         self.gen = torch.Generator(rt.device).manual_seed(seed)
         self.eos = set(end_tokens(model, tok))
         # what slot_cache's layers read: capacity (rows x columns), this forward's write columns and attended columns
-        self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, lo=0)
+        self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, sel=None)
         self.cache = slot_cache(self.state)
         self.row: dict = {}  # episode key -> its row
         self.held: list[list[int]] = []  # per row: the ids whose K/V it holds, in columns 0 .. len - 1
@@ -1464,17 +1478,32 @@ class PrefixCachedPolicy:
         return [self.tok.decode(ts, skip_special_tokens=True).strip() for ts in replies]
 
     def _prefill(self, new: list[list[int]], length: list[int], rows: list[int]) -> torch.Tensor:
-        """One forward of every row's new tokens, right-padded: row r's token j at column = position length[r] + j.
-        Returns the logits after the last new token of each of `rows`, (len(rows), V)."""
+        """Every row's new tokens, right-padded: row r's token j at column = position length[r] + j. One forward, or
+        two where that runs fewer tokens, padding included: all rows up to M new tokens, then the rows with more
+        (prefill_width; a first prompt is ~200 tokens where an observation is ~20). Returns the logits after the last
+        new token of each of `rows`, (len(rows), V)."""
+        lens = [len(x) for x in new]
+        self._reserve(len(new), max(length) + max(lens) + self.max_new_tokens)
+        M = prefill_width(lens, 8192 if self.rt.device.type == "cuda" else 16)
+        logits = self._prefill_rows([x[:M] for x in new], length, None)
+        if long := [r for r in rows if lens[r] > M]:
+            logits[long] = self._prefill_rows([new[r][M:] for r in long], [length[r] + M for r in long],
+                                              torch.tensor(long, device=self.rt.device))
+        return logits[rows]
+
+    def _prefill_rows(self, new: list[list[int]], length: list[int], sel: torch.Tensor | None) -> torch.Tensor:
+        """One forward of these rows' new tokens (sel: which rows of the cache, None: the first len(new)); the logits
+        after each one's last new token (a row with none: padding's), (len(new), V)."""
         dev, M = self.rt.device, max(map(len, new))
-        self._reserve(len(new), max(length) + M + self.max_new_tokens)
         cols = torch.tensor(length, device=dev)[:, None] + torch.arange(M, device=dev)  # (R, M)
-        self.state.cols, self.state.hi = cols, max(length) + M
+        self.state.cols, self.state.hi, self.state.sel = cols, max(length) + M, sel
         mask = torch.arange(self.state.hi, device=dev) <= cols[:, :, None]  # (R, M, hi): own columns up to itself
-        last = sorted({len(new[r]) - 1 for r in rows})  # the columns whose logits are read: each row's last new token
+        end = [max(len(x), 1) - 1 for x in new]
+        last = sorted(set(end))  # the columns whose logits are read: each row's last new token
         logits = self._forward([x + [0] * (M - len(x)) for x in new], self.cache, torch.tensor(last, device=dev),
                                position_ids=cols, attention_mask=mask[:, None])
-        return logits[rows, [last.index(len(new[r]) - 1) for r in rows]]
+        self.state.sel = None
+        return logits[torch.arange(len(new)), [last.index(e) for e in end]]
 
     def _decode(self, feed: torch.Tensor, hi: int) -> torch.Tensor:
         """One decode step of every row, feed (R, 2) = (token, column), attending to the first hi columns: logits
@@ -1533,7 +1562,7 @@ class PrefixCachedPolicy:
         where acting step by step costs a prefill and a decode loop per step (bench/RESULTS.md). A reply ends at an end
         token or after max_new_tokens (inspection samples whole replies: stop_at_action does not apply)."""
         self.model.eval()
-        self.state = s = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, lo=0)  # a cache shaped for this group
+        self.state = s = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, sel=None)  # a cache shaped for this group
         self.cache, self.row, self.held = slot_cache(s), {}, []
         with torch.no_grad(), self.rt.autocast():
             return self._branches(trunks, starts, prefill_tokens)
@@ -1547,9 +1576,9 @@ class PrefixCachedPolicy:
         for lo in range(0, R if base else 0, n):
             ids = [t[:-1] + [0] * (base - len(t) + 1) for t in trunks[lo:lo + n]]
             cols = torch.arange(base, device=dev).expand(len(ids), base)
-            self.state.cols, self.state.hi, self.state.lo = cols, base, lo
+            self.state.cols, self.state.hi, self.state.sel = cols, base, slice(lo, lo + len(ids))
             self._forward(ids, self.cache, position_ids=cols, attention_mask=causal.expand(len(ids), 1, base, base))
-        self.state.lo = 0
+        self.state.sel = None
         # 2. all lanes decode together, the new tokens staying on the device (one sync a step: have all ended?); a
         #    padding lane (p = 1) sees only its own tokens and is never read
         p = torch.tensor([st + [1] * (J - len(st)) for st in starts], device=dev)  # (R, J)

@@ -903,8 +903,8 @@ class FixedShapes(sa.PrefixCachedPolicy):
 def test_prefix_cached_acting_equals_re_encoding_every_turn(policy):
     """Evaluation's KV-cached policy gives each episode the greedy reply of a fresh generate over its whole history,
     turn after turn, while episodes end, join (from the prompt a freed row holds), move down to a free row, and a
-    history changes under it; it prefills only what is new; and the decode step a CUDA graph would replay (fixed
-    shapes) gives the same replies."""
+    history changes under it; it prefills only what is new (in two forwards where the rows' new tokens are uneven);
+    and the decode step a CUDA graph would replay (fixed shapes) gives the same replies."""
     tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
     with torch.no_grad():  # a random final-norm gain: greedy replies depend on the prompt (see the test above)
         model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
@@ -914,7 +914,10 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn(policy):
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]  # a second end token: replies end unevenly
     cached = policy(model, tok, CPU, max_new_tokens=6)
     fed, forward = [], cached._forward
-    cached._forward = lambda ids, cache, *a, **kw: fed.append([len(x) for x in ids]) or forward(ids, cache, *a, **kw)
+    # a prefill names the columns whose logits it reads (a positional argument), a decode step does not
+    cached._forward = lambda ids, cache, *a, **kw: fed.append((bool(a), [len(x) for x in ids])) or forward(ids, cache,
+                                                                                                        *a, **kw)
+    split = 0
     prompt_tokens, lengths, rows, said = 0, set(), [], set()
     for turn in range(5):
         if turn == 2:  # game0 ends, game3 starts, game1's history is rewritten (not an extension of the cached one)
@@ -929,8 +932,12 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn(policy):
         replies = cached(hs)
         assert replies == [sa.generate(model, tok, CPU, [p], 0.0, 6, 1, seed=0)[0] for p in prompts], turn
         rows.append([cached.row[h.id] for h in hs])
+        width = 8 if policy is FixedShapes else len(hs)  # rows run: the call's (in steps of 8 for a graph)
+        first, *second = [lens for pre, lens in fed[n:] if pre]  # all rows, then maybe the rows with more new tokens
+        assert len(first) == width and len(second) <= 1 and all(len(x) < len(hs) for x in second), turn
+        split += len(second)
         if turn == 2:  # game3 began from game0's row: the prompt they share was not prefilled again
-            assert 0 < max(fed[n]) < len(prompts[-1]) - 20
+            assert 0 < sum(max(x) for x in [first, *second]) < len(prompts[-1]) - 20
         for h in hs:  # what each episode keeps (RoPE'd keys, values) is exactly a fresh forward over its ids
             ids, kv = cached.kept(h.id)
             with torch.no_grad():
@@ -944,10 +951,20 @@ def test_prefix_cached_acting_equals_re_encoding_every_turn(policy):
         said |= set(replies)
     assert len(said) > 1 and len(lengths) > 1
     assert rows == [[0, 1, 2], [0, 1, 2], [1, 2, 0], [1, 2, 0], [0]]  # game3 took game0's row; game2 moved down
-    prefills = [x for x in fed if max(x) > 1]
-    width = 8 if policy is FixedShapes else 3  # rows run: the call's (in steps of 8 for a graph)
-    assert [len(x) for x in prefills] == [width] * 4 + [8 if policy is FixedShapes else 1]  # one prefill per turn
-    assert 0 < sum(map(max, prefills)) < prompt_tokens / 4  # most of each history came from the cache
+    assert split > 0  # the uneven new tokens of some turn went in two forwards (prefill_width), exactly as in one
+    assert 0 < sum(max(x) for pre, x in fed if pre) < prompt_tokens / 4  # most of each history came from the cache
+
+
+def test_prefill_width_runs_fewest_tokens():
+    """prefill_width: the M that runs fewest tokens (rows x M, then the longer rows padded to the longest's rest, a
+    second forward counted as forward_cost tokens), by hand."""
+    lens = [14, 14, 14, 30, 200]  # four observations and a first prompt
+    # M = 14: 5 * 14 + 2 * 186 + c = 442 + c;  M = 30: 5 * 30 + 1 * 170 + c = 320 + c;  M = 200: 5 * 200 = 1000
+    assert sa.prefill_width(lens, 16) == 30 and sa.prefill_width(lens, 0) == 30
+    assert sa.prefill_width(lens, 679) == 30 and sa.prefill_width(lens, 681) == 200  # 999 < 1000 < 1001
+    assert sa.prefill_width([7, 7, 7], 0) == 7
+    # a row not in the call (0 tokens) is padded too: 3 * 5 + 1 * 4 + c against 3 * 9 = 27
+    assert sa.prefill_width([0, 5, 9], 7) == 5 and sa.prefill_width([0, 5, 9], 9) == 9
 
 
 def test_failed_cuda_graph_capture_falls_back_to_eager_decoding(capsys):

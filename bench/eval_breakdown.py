@@ -49,7 +49,7 @@ def timed(totals: dict, key: str, fn):
 
 
 def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, new_tokens: int, dtype: str = "fp32",
-                     checkpoint: str = "", cuda_graphs: bool = False) -> None:
+                     checkpoint: str = "", cuda_graphs: bool = False, keep: str = "") -> None:
     totals: dict[str, float] = collections.defaultdict(float)
     rt = stepagent.setup_runtime(stepagent.Config(dtype=dtype))
     model, tok = stepagent.load_policy(checkpoint, rt) if checkpoint else bench.load_model(model_name, rt)
@@ -66,7 +66,8 @@ def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, ne
         return forward(ids, cache, *a, **kw) if hasattr(act, "_decode") else \
             timed(totals, "decode", forward)(ids, cache, *a, **kw)
     act._forward = split
-    out = Path(tempfile.mkdtemp()) / "e.jsonl"
+    out = Path(keep) if keep else Path(tempfile.mkdtemp()) / "e.jsonl"  # keep: the episodes, to compare actions
+    out.unlink(missing_ok=True)  # evaluate() resumes from a file it finds
     t0 = time.perf_counter()
     envs.evaluate("alfworld", "valid_seen", timed(totals, "policy", act), out, games, batch, max_steps)
     wall = time.perf_counter() - t0
@@ -167,6 +168,7 @@ if __name__ == "__main__":
     p.add_argument("--checkpoint", default="", help="a trained checkpoint dir instead of --model's weights")
     p.add_argument("--engine", action="store_true", help="time one engine alone instead")
     p.add_argument("--cuda-graphs", action="store_true", help="the policy with --cuda-graphs (CUDA)")
+    p.add_argument("--keep", default="", metavar="FILE", help="write the played episodes (JSONL) to FILE")
     p.add_argument("--inspect", type=int, default=0, metavar="N", help="time inspection of N trajectories instead")
     p.add_argument("--inspect-steps", type=int, default=0, metavar="S", help="--inspect: S random steps per trajectory")
     p.add_argument("--samples", type=int, default=1, metavar="K", help="--inspect: K replies per step")
@@ -180,4 +182,4 @@ if __name__ == "__main__":
         inspection_speed(a.model, a.inspect, a.new_tokens, a.checkpoint, a.inspect_steps, a.samples, not a.no_generate)
     else:
         engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens,
-                                                                     a.dtype, a.checkpoint, a.cuda_graphs)
+                                                                     a.dtype, a.checkpoint, a.cuda_graphs, a.keep)
