@@ -1564,6 +1564,8 @@ class PrefixCachedPolicy:
         self.model.eval()
         self.state = s = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, sel=None)  # a cache shaped for this group
         self.cache, self.row, self.held = slot_cache(s), {}, []
+        if self.graphs:
+            self.graphs.clear()  # they read and write the old cache (branches' own steps are not graphed)
         with torch.no_grad(), self.rt.autocast():
             return self._branches(trunks, starts, prefill_tokens)
 

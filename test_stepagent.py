@@ -827,7 +827,7 @@ def test_tree_inspection_equals_generate_with_one_prefill_per_trajectory(monkeyp
     monkeypatch.setattr(sa.PrefixCachedPolicy, "_forward", counting)
     tree = sa.inspect(cfg, CPU, model, tok, encs, cycle=1)
     assert [(i.row, i.t, i.agent) for i in tree] == [(i.row, i.t, i.agent) for i in plain]
-    # groups of 2 (longest trunks first): trajectories 0 and 2 (4 steps, k lanes each), then 1 (3 steps, 3k lanes)
+    # groups of 2 (longest trunks first): trajectories 0 and 2 (4 inspected steps: 4k lanes), then 1 (3k lanes)
     trunk = [max(encs[i.row].action_spans[i.t][0] for i in plain if i.row == r) - 1 for r in range(3)]
     assert [n for kind, n in fed if kind == "prefill"] == [2 * max(trunk[0], trunk[2]), trunk[1]]
     steps = [shape for kind, shape in fed if kind == "decode"]
@@ -847,8 +847,7 @@ def test_branches_prefill_trunks_in_chunks_of_rows():
     encs = [encode(make_traj(n, seed=50 + n)) for n in (4, 2, 5)]
     starts = [[e.action_spans[t][0] for t in range(len(e.action_spans))] for e in encs]
     trunks = [e.input_ids[:max(st)] for e, st in zip(encs, starts)]
-    policy = sa.PrefixCachedPolicy(tiny_model("sdpa", seed=1), tok, CPU, 5)
-    policy.model = model
+    policy = sa.PrefixCachedPolicy(model, tok, CPU, 5)
     whole, rows = policy.branches(trunks, starts), policy.branches(trunks, starts, prefill_tokens=1)
     each = sa.generate(model, tok, CPU, [t[:p] for t, st in zip(trunks, starts) for p in st], 0.0, 5, 4, seed=0)
     assert whole == rows and [r for got in whole for r in got] == each and len(set(each)) > 1
