@@ -1362,6 +1362,10 @@ class PrefixCachedPolicy:
         self.graphs = {} if graphs and rt.device.type == "cuda" else None  # (rows, columns) -> (graph, input, logits)
         self.gen = torch.Generator(rt.device).manual_seed(seed)
         self.eos = set(end_tokens(model, tok))
+        # a second prefill forward (prefill_width) costs about what 2e9 parameter-tokens do on a CPU (16 tokens of the
+        # 135M, bench/RESULTS.md "Uneven prefills"; a tiny model's forward is all overhead); on CUDA its launches
+        self.forward_cost = 8192 if rt.device.type == "cuda" else max(16, int(2e9) // sum(
+            p.numel() for p in model.parameters()))
         # what slot_cache's layers read: capacity (rows x columns), this forward's write columns and attended columns
         self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, sel=None)
         self.cache = slot_cache(self.state)
@@ -1484,7 +1488,7 @@ class PrefixCachedPolicy:
         new token of each of `rows`, (len(rows), V)."""
         lens = [len(x) for x in new]
         self._reserve(len(new), max(length) + max(lens) + self.max_new_tokens)
-        M = prefill_width(lens, 8192 if self.rt.device.type == "cuda" else 16)
+        M = prefill_width(lens, self.forward_cost)
         logits = self._prefill_rows([x[:M] for x in new], length, None)
         if long := [r for r in rows if lens[r] > M]:
             logits[long] = self._prefill_rows([new[r][M:] for r in long], [length[r] + M for r in long],
