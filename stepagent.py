@@ -1366,11 +1366,7 @@ class PrefixCachedPolicy:
         # 135M, bench/RESULTS.md "Uneven prefills"; a tiny model's forward is all overhead); on CUDA its launches
         self.forward_cost = 8192 if rt.device.type == "cuda" else max(16, int(2e9) // sum(
             p.numel() for p in model.parameters()))
-        # what slot_cache's layers read: capacity (rows x columns), this forward's write columns and attended columns
-        self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, sel=None)
-        self.cache = slot_cache(self.state)
-        self.row: dict = {}  # episode key -> its row
-        self.held: list[list[int]] = []  # per row: the ids whose K/V it holds, in columns 0 .. len - 1
+        self._new_cache()
         from inspect import signature  # (the module name `inspect` is the paper's inspection stage here)
 
         fwd = signature(model.forward).parameters  # newer transformers: `cache`, older: `past_key_values`
@@ -1379,6 +1375,17 @@ class PrefixCachedPolicy:
     def __call__(self, histories: list) -> list[str]:
         """Evaluation: each episode's history rendered as in training, keyed by its id; finished episodes dropped."""
         return self.act([h.id for h in histories], [data.encode_prompt(self.tok, h, len(h.steps)) for h in histories])
+
+    def _new_cache(self) -> None:
+        """An empty slot_cache (its buffers come with the first forward), and no episode in it."""
+        # what slot_cache's layers read: capacity (rows x columns), this forward's write columns, attended columns and
+        # rows (None: the first ones)
+        self.state = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, sel=None)
+        self.cache = slot_cache(self.state)
+        self.row: dict = {}  # episode key -> its row
+        self.held: list[list[int]] = []  # per row: the ids whose K/V it holds, in columns 0 .. len - 1
+        if self.graphs:
+            self.graphs.clear()  # they read and write the old buffers
 
     def kept(self, key) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
         """What an episode's row holds: its ids and per layer (K, V), each (1, H, len, D)."""
@@ -1495,19 +1502,20 @@ class PrefixCachedPolicy:
                                               torch.tensor(long, device=self.rt.device))
         return logits[rows]
 
-    def _prefill_rows(self, new: list[list[int]], length: list[int], sel: torch.Tensor | None) -> torch.Tensor:
+    def _prefill_rows(self, new: list[list[int]], length: list[int], sel: torch.Tensor | slice | None,
+                      read: bool = True) -> torch.Tensor | None:
         """One forward of these rows' new tokens (sel: which rows of the cache, None: the first len(new)); the logits
-        after each one's last new token (a row with none: padding's), (len(new), V)."""
+        after each one's last new token (a row with none: padding's), (len(new), V), or (read=False) none."""
         dev, M = self.rt.device, max(map(len, new))
         cols = torch.tensor(length, device=dev)[:, None] + torch.arange(M, device=dev)  # (R, M)
         self.state.cols, self.state.hi, self.state.sel = cols, max(length) + M, sel
         mask = torch.arange(self.state.hi, device=dev) <= cols[:, :, None]  # (R, M, hi): own columns up to itself
         end = [max(len(x), 1) - 1 for x in new]
-        last = sorted(set(end))  # the columns whose logits are read: each row's last new token
+        last = sorted(set(end)) if read else [0]  # the columns whose logits are read: each row's last new token
         logits = self._forward([x + [0] * (M - len(x)) for x in new], self.cache, torch.tensor(last, device=dev),
                                position_ids=cols, attention_mask=mask[:, None])
         self.state.sel = None
-        return logits[torch.arange(len(new)), [last.index(e) for e in end]]
+        return logits[torch.arange(len(new)), [last.index(e) for e in end]] if read else None
 
     def _decode(self, feed: torch.Tensor, hi: int) -> torch.Tensor:
         """One decode step of every row, feed (R, 2) = (token, column), attending to the first hi columns: logits
@@ -1566,10 +1574,7 @@ class PrefixCachedPolicy:
         where acting step by step costs a prefill and a decode loop per step (bench/RESULTS.md). A reply ends at an end
         token or after max_new_tokens (inspection samples whole replies: stop_at_action does not apply)."""
         self.model.eval()
-        self.state = s = SimpleNamespace(rows=0, columns=0, cols=None, hi=0, sel=None)  # a cache shaped for this group
-        self.cache, self.row, self.held = slot_cache(s), {}, []
-        if self.graphs:
-            self.graphs.clear()  # they read and write the old cache (branches' own steps are not graphed)
+        self._new_cache()  # shaped for this group (its trunks and lanes), not grown from the last one
         with torch.no_grad(), self.rt.autocast():
             return self._branches(trunks, starts, prefill_tokens)
 
@@ -1578,13 +1583,10 @@ class PrefixCachedPolicy:
         base = max(map(len, trunks)) - 1  # a trunk's last token is fed by the lanes that start there
         self._reserve(R, base + J * S)
         # 1. the trunks (all but their last token), right-padded, in forwards of up to prefill_tokens tokens
-        n, causal = max(1, prefill_tokens // max(base, 1)), torch.ones(base, base, dtype=torch.bool, device=dev).tril()
+        n = max(1, prefill_tokens // max(base, 1))
         for lo in range(0, R if base else 0, n):
-            ids = [t[:-1] + [0] * (base - len(t) + 1) for t in trunks[lo:lo + n]]
-            cols = torch.arange(base, device=dev).expand(len(ids), base)
-            self.state.cols, self.state.hi, self.state.sel = cols, base, slice(lo, lo + len(ids))
-            self._forward(ids, self.cache, position_ids=cols, attention_mask=causal.expand(len(ids), 1, base, base))
-        self.state.sel = None
+            chunk = [t[:-1] for t in trunks[lo:lo + n]]
+            self._prefill_rows(chunk, [0] * len(chunk), slice(lo, lo + len(chunk)), read=False)
         # 2. all lanes decode together, the new tokens staying on the device (one sync a step: have all ended?); a
         #    padding lane (p = 1) sees only its own tokens and is never read
         p = torch.tensor([st + [1] * (J - len(st)) for st in starts], device=dev)  # (R, J)
