@@ -50,7 +50,7 @@ sft=(--preset none --epochs 2 --lr 1e-4 --batch-size 8 --grad-accum 4 --cycles 0
 inspect_400() {  # inspection of every expert prefix of 400 trajectories with checkpoint $1, timed (target <= 30 s):
   # the default groups (inspect_group: what GPU memory holds), then 64 trajectories at a time (--gen-batch-size 64)
   timeout "${INSPECT_TIMEOUT:-600}" python - "$1" >> "$out/inspect.json" 2>> "$out/inspect.log" <<'PY'
-import contextlib, json, sys, time
+import contextlib, json, os, sys, time
 import data, stepagent as sa
 with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
     rt = sa.setup_runtime(sa.Config())
@@ -58,7 +58,7 @@ with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON lines
 encs, _ = data.encode_dataset(tok, data.load_trajectories(data.default_expert_path("alfworld"))[:400], 2048)
 groups, branches = [], sa.PrefixCachedPolicy.branches  # the rows of each group inspect_tree decodes
 sa.PrefixCachedPolicy.branches = lambda self, trunks, *a: groups.append(len(trunks)) or branches(self, trunks, *a)
-for gen_batch_size in (0, 64):
+for gen_batch_size in map(int, os.environ.get("INSPECT_GEN", "0 64").split()):  # 0: inspect_group's groups
     cfg, groups[:] = sa.Config(temperature=1.0, gen_batch_size=gen_batch_size), []
     t0 = time.time()
     items = sa.inspect(cfg, rt, model, tok, encs, cycle=1)
@@ -80,6 +80,16 @@ checkpoint() {  # CKPT=dir, or the sweep's N = all warm start, or the train mode
   fi
   echo "$ckpt"
 }
+same_actions() {  # the games played with and without --cuda-graphs: how many played the same actions, and wins
+  python - "$out" <<'PY'
+import json, sys
+runs = [{json.loads(x)["game"]: json.loads(x) for x in open(f"{sys.argv[1]}/eval-{g}.jsonl")}
+        for g in ("no-cuda-graphs", "cuda-graphs")]
+same = [g for g in runs[0] if g in runs[1] and [s["action"] for s in runs[0][g]["transcript"]]
+        == [s["action"] for s in runs[1][g]["transcript"]]]
+print(json.dumps({"games": len(runs[0]), "same_actions": len(same), "won": [sum(r["won"] for r in x.values()) for x in runs]}))
+PY
+}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/device.txt"
 if [ "$mode" = eval ]; then
   run=/root/w/runs/sft
@@ -98,6 +108,43 @@ elif [ "$mode" = train ]; then  # what the 2026-11-27 row 4 left open (bench/RES
       --eval-games 0 2>&1 | quiet > "$out/sft-$path.log"
     cp /root/w/runs/sft-$path/metrics.jsonl "$out/sft-$path-metrics.jsonl"
   done
+elif [ "$mode" = speed ]; then  # issues 10 and 11 in one call after the setup call, which ran row 4 for the 135M at 32
+  # trajectories into /root/w/row4.json: the SFT of all expert data (32 trajectories per forward) on the path row 4
+  # found fastest, then the 134 valid_unseen games with --cuda-graphs, inspection of 400 trajectories, the games
+  # without --cuda-graphs (same actions expected); each part under its own timeout, the most wanted first, and all
+  # of them within SPEED_BUDGET seconds (default 500), so that the packing at the end runs before the call's limit
+  cap() { local left=$(( ${SPEED_BUDGET:-500} - SECONDS )); echo $(( left < $1 ? left : $1 )); }
+  path=$(python - <<'PY'
+import json, os
+r = json.load(open("/root/w/row4.json"))["gpu"]["135m"] if os.path.exists("/root/w/row4.json") else {}
+t = {p: r[f"{p}/sft/bf16"]["seconds"] for p in ("old", "new", "compiled") if "seconds" in r.get(f"{p}/sft/bf16", {})}
+print(min(t, key=t.get) if t else "new")
+PY
+)
+  for p in $path old; do  # the old path again only if the chosen one left no checkpoint
+    ls -d /root/w/runs/sft-*/ckpt-* > /dev/null 2>&1 && break
+    [ "$(cap 180)" -gt 60 ] || break
+    more=(); [ "$p" != old ] && more=(--tokens-per-batch 32768 --attn flex_attention)
+    [ "$p" = compiled ] && more+=(--compile)
+    start=$SECONDS
+    timeout "$(cap 180)" python stepagent.py "${sft[@]}" --batch-size 32 --grad-accum 1 "${more[@]}" \
+      --heldout-steps 0 --eval-games 0 --out /root/w/runs/sft-$p 2>&1 | quiet > "$out/sft-$p.log"
+    echo "{\"part\": \"sft\", \"path\": \"$p\", \"seconds\": $((SECONDS - start))}" >> "$out/speed.json"
+    cp /root/w/runs/sft-$p/metrics.jsonl "$out/sft-$p-metrics.jsonl"
+  done
+  ck=$(checkpoint)
+  for g in cuda-graphs inspect no-cuda-graphs; do
+    start=$SECONDS; [ "$(cap 100)" -gt 20 ] || break
+    if [ $g = inspect ]; then
+      INSPECT_GEN=0 INSPECT_TIMEOUT=$(cap 80) inspect_400 "$ck"; continue
+    fi
+    timeout "$(cap 120)" python stepagent.py --preset none --model "$ck" --epochs 0 --cycles 0 \
+      --heldout-steps 0 --eval-games -1 --eval-splits valid_unseen --max-steps 40 --$g --out /root/w/runs/eval-$g 2>&1 |
+      quiet > "$out/eval-$g.log"
+    echo "{\"part\": \"$g\", \"seconds\": $((SECONDS - start))}" >> "$out/speed.json"
+    cp /root/w/runs/eval-$g/eval/final/valid_unseen.jsonl "$out/eval-$g.jsonl"
+  done
+  [ -e "$out/eval-no-cuda-graphs.jsonl" ] && same_actions >> "$out/speed.json"
 elif [ "$mode" = fsdp ]; then  # the 4.8 GB model and the checkpoints stay in /root/w; results and logs come back
   python bench/fsdp_memory.py --out /root/w/fsdp 2>&1 | quiet > "$out/fsdp.log"
   cp /root/w/fsdp/fsdp.json /root/w/fsdp/*.log "$out/"
@@ -121,14 +168,7 @@ elif [ "$mode" = graphs ]; then  # --cuda-graphs: a decode step alone, then the 
     echo "{\"mode\": \"$g\", \"seconds\": $((SECONDS - start))}" >> "$out/graphs.json"
     cp /root/w/runs/eval-$g/eval/final/valid_unseen.jsonl "$out/eval-$g.jsonl"
   done
-  python - "$out" >> "$out/graphs.json" <<'PY'
-import json, sys
-runs = [{json.loads(x)["game"]: json.loads(x) for x in open(f"{sys.argv[1]}/eval-{g}.jsonl")}
-        for g in ("no-cuda-graphs", "cuda-graphs")]
-same = [g for g in runs[0] if g in runs[1] and [s["action"] for s in runs[0][g]["transcript"]]
-        == [s["action"] for s in runs[1][g]["transcript"]]]
-print(json.dumps({"games": len(runs[0]), "same_actions": len(same), "won": [sum(r["won"] for r in x.values()) for x in runs]}))
-PY
+  same_actions >> "$out/graphs.json"
   INSPECT_TIMEOUT=100 inspect_400 "$ck"
 elif [ "$mode" = auto ]; then  # issue 15: the README's main command on a GPU (--preset auto = gpu), end to end
   run=/root/w/runs/auto; again=$([ -e $run/metrics.jsonl ] && echo --resume)  # past one call: run the mode again
