@@ -13,6 +13,7 @@ crashes or hangs costs one episode, never the run.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import gc
@@ -99,7 +100,72 @@ def _import_alfworld():
             from None
     if before is None:  # importing alfworld sets ALFWORLD_DATA=~/.cache/alfworld: don't let it hide our default
         os.environ.pop("ALFWORLD_DATA", None)
+    if not _TEXTWORLD_ORIGINAL:  # the first import turns it on; fast_textworld(False) afterwards stays off
+        fast_textworld(True)
     return textworld, alfred_tw_env
+
+
+# ---------------------------------------------------------------------------- speed: TextWorld's engine
+# Three pieces of work that TextWorld repeats without need (bench/engine_speed.py measures them and checks every
+# observation, reward, admissible command and expert plan of real games against TextWorld as released):
+# - after every step it phrases each admissible command and the feedback through its grammar, parsing the same
+#   template strings again with TatSu and deep-copying every derivation context's variables: 85-95% of a step;
+# - starting a game translates its PDDL problem (fast_downward.pddl2sas) four times, twice in load() and the same
+#   two again in reset(): half of a game start.
+# The grammar's {expressions} only read attributes and the translated task is only read, so fast_textworld keeps
+# each parse and the last game's translations, and copies only the context dicts.
+_TEXTWORLD_ORIGINAL: dict = {}
+
+
+def fast_textworld(on: bool) -> None:
+    """Install (on) or remove the memos above; idempotent, process-wide (forked engines inherit it)."""
+    import fast_downward
+    import textworld.logic as logic
+    from textworld.envs.pddl import textgen
+
+    if not _TEXTWORLD_ORIGINAL:
+        _TEXTWORLD_ORIGINAL.update(textgen=textgen._parse_and_convert, logic=logic._parse_and_convert,
+                                   copy_context=textgen.copy_context, pddl2sas=fast_downward.pddl2sas)
+    orig = _TEXTWORLD_ORIGINAL
+    textgen._parse_and_convert = _parse_memo(orig["textgen"]) if on else orig["textgen"]
+    logic._parse_and_convert = _parse_memo(orig["logic"]) if on else orig["logic"]
+    textgen.copy_context = _copy_context if on else orig["copy_context"]
+    fast_downward.pddl2sas = _last_game_memo(orig["pddl2sas"]) if on else orig["pddl2sas"]
+
+
+def _parse_memo(parse):
+    """parse(text, rule_name=...) kept per argument; each call gets its own deep copy (derive() sets the symbols'
+    contexts), still far cheaper than TatSu's parse. Bounded: a game's grammar has a few hundred templates."""
+    memo: dict = {}
+
+    def parse_once(*args, **kw):
+        key = (args, tuple(sorted(kw.items())))
+        if key not in memo:
+            if len(memo) >= 20_000:
+                memo.clear()
+            memo[key] = parse(*args, **kw)
+        return copy.deepcopy(memo[key])
+    return parse_once
+
+
+def _copy_context(context: dict) -> dict:
+    """textgen.copy_context with fresh dicts instead of deep copies: queries add to them, nothing changes a value."""
+    return {"state": context["state"], "facts": context["facts"], "variables": dict(context["variables"]),
+            "mapping": dict(context["mapping"]), "entity_infos": context["entity_infos"]}
+
+
+def _last_game_memo(pddl2sas):
+    """pddl2sas(domain, problem, ...) kept for the last problem seen: load() and reset() translate the same one."""
+    memo: dict = {}
+
+    def pddl2sas_once(domain: str, problem: str, *args, **kw):
+        key = (domain, problem, args, tuple(sorted(kw.items())))
+        if key not in memo:
+            if any(k[1] != problem for k in memo):
+                memo.clear()
+            memo[key] = pddl2sas(domain, problem, *args, **kw)
+        return memo[key]
+    return pddl2sas_once
 
 
 def alfworld_data_dir(path: str | Path | None = None) -> Path:

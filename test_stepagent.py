@@ -1699,6 +1699,44 @@ def test_alfworld_step_cap():
     env.close()
 
 
+def test_fast_textworld_plays_as_textworld_does():
+    """envs.fast_textworld (parse memo, shallow contexts, one PDDL translation per game start) against TextWorld as
+    released, in the same process on the same commands: a winning plan with a detour before each action ("dance",
+    which the game does not know, "look" or "inventory"), then a second game, so that the memos carry over from one
+    game to the next as they do in an engine process. Every observation, reward, done flag, admissible command list and
+    hand-coded expert plan is the same. bench/engine_speed.py does this for whole splits."""
+    from textworld.envs.pddl import textgen
+
+    games = [list(PLANS)[3], FIRST_SEEN[0]]
+
+    def play(game, commands):
+        random.seed(game)  # the hand-coded expert explores with the global generator
+        env = envs.AlfWorldEnv(max_steps=40, expert=True, fix_expert_grammar=True)
+        env.load(game)
+        out = [env.reset()]
+        for command in commands:
+            out.append(env.step(command))
+        env.close()
+        return out
+
+    rng = random.Random(0)
+    plans = {g: [c for a in PLANS[g] for c in (rng.choice(["dance", "look", "inventory"]), a)] for g in games}
+    envs._import_alfworld()
+    assert textgen.copy_context is envs._copy_context  # on from the first import
+    try:
+        envs.fast_textworld(False)
+        released = {g: play(g, plans[g]) for g in games}
+        envs.fast_textworld(True)
+        fast = {g: play(g, plans[g]) for g in games}
+    finally:
+        envs.fast_textworld(True)
+    assert released[games[0]][-1][2] and released[games[0]][-1][3]["won"]  # the plan still wins
+    for g in games:
+        assert len(fast[g]) == len(plans[g]) + 1
+        for a, b in zip(released[g], fast[g]):
+            assert a == b
+
+
 def test_sciworld_gold_path_reaches_score_100():
     """A ScienceWorld task (ETO's test split) played by its gold path through the wrapper: score 100, won."""
     game = next(g for g in envs.list_games("sciworld", "test") if g.startswith("find-animal"))

@@ -53,7 +53,8 @@ def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, ne
     totals: dict[str, float] = collections.defaultdict(float)
     rt = stepagent.setup_runtime(stepagent.Config(dtype=dtype))
     model, tok = stepagent.load_policy(checkpoint, rt) if checkpoint else bench.load_model(model_name, rt)
-    cfg = stepagent.Config(max_new_tokens=new_tokens, **({"cuda_graphs": True} if cuda_graphs else {}))
+    graphs = {"cuda_graphs": cuda_graphs} if "cuda_graphs" in stepagent.Config.__dataclass_fields__ else {}  # old code
+    cfg = stepagent.Config(max_new_tokens=new_tokens, **graphs)
     act = stepagent.make_act_fn(cfg, rt, model.eval(), tok)
     data.encode_prompt = timed(totals, "render + tokenise", data.encode_prompt)
     forward = act._forward  # a decode step passes a mask and no columns to read (here and in bench.OLD's code)
@@ -167,7 +168,7 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="fp32", help="fp32, or bf16 (CPU autocast; fast where the CPU has AMX)")
     p.add_argument("--checkpoint", default="", help="a trained checkpoint dir instead of --model's weights")
     p.add_argument("--engine", action="store_true", help="time one engine alone instead")
-    p.add_argument("--cuda-graphs", action="store_true", help="the policy with --cuda-graphs (CUDA)")
+    p.add_argument("--cuda-graphs", action="store_true", help="decode steps as CUDA graphs (CUDA; stepagent's default)")
     p.add_argument("--keep", default="", metavar="FILE", help="write the played episodes (JSONL) to FILE")
     p.add_argument("--inspect", type=int, default=0, metavar="N", help="time inspection of N trajectories instead")
     p.add_argument("--inspect-steps", type=int, default=0, metavar="S", help="--inspect: S random steps per trajectory")
