@@ -193,8 +193,8 @@ PRESETS: dict[str, dict] = {
 }
 EXPECTED = {  # printed at start: what the auto preset's branches cost where they were measured
     "cpu": "about 18 min on 2 cores with AMX (bench/RESULTS.md, CPU preset); without AMX, fp32 is several times slower",
-    "gpu": "at most about 20 min on one H200 (bench/RESULTS.md, e1c1573): SFT 3.6 min + 2 cycles (inspection of 400 "
-           "trajectories ~4 min each then, since decoded as trees) + 4 evaluations of ~137 games (~2.2 min each)",
+    "gpu": "about 12 min on one H200 plus reflection (bench/RESULTS.md): SFT 3.6 min + 2 cycles (inspection of 400 "
+           "trajectories 22 s each) + 4 evaluations of ~137 games (~1.8 min each)",
 }
 
 
