@@ -111,7 +111,7 @@ def _import_alfworld():
 # - after every step it phrases each admissible command and the feedback through its grammar, parsing the same
 #   template strings again with TatSu and deep-copying every derivation context's variables: 85-95% of a step;
 # - starting a game translates its PDDL problem (fast_downward.pddl2sas) four times, twice in load() and the same
-#   two again in reset(): half of a game start.
+#   two again in reset(): half of a game start; and it parses the game's grammar file, the same in every game.
 # The grammar's {expressions} only read attributes and the translated task is only read, so fast_textworld keeps
 # each parse and the last game's translations, and copies only the context dicts.
 _TEXTWORLD_ORIGINAL: dict = {}
@@ -121,14 +121,15 @@ def fast_textworld(on: bool) -> None:
     """Install (on) or remove the memos above; idempotent, process-wide (forked engines inherit it)."""
     import fast_downward
     import textworld.logic as logic
-    from textworld.envs.pddl import textgen
+    from textworld.envs.pddl import logic as pddl_logic, textgen
 
     if not _TEXTWORLD_ORIGINAL:
         _TEXTWORLD_ORIGINAL.update(textgen=textgen._parse_and_convert, logic=logic._parse_and_convert,
-                                   copy_context=textgen.copy_context, pddl2sas=fast_downward.pddl2sas)
+                                   pddl_logic=pddl_logic._parse_and_convert, copy_context=textgen.copy_context,
+                                   pddl2sas=fast_downward.pddl2sas)
     orig = _TEXTWORLD_ORIGINAL
-    textgen._parse_and_convert = _parse_memo(orig["textgen"]) if on else orig["textgen"]
-    logic._parse_and_convert = _parse_memo(orig["logic"]) if on else orig["logic"]
+    for module, name in ((textgen, "textgen"), (logic, "logic"), (pddl_logic, "pddl_logic")):
+        module._parse_and_convert = _parse_memo(orig[name]) if on else orig[name]
     textgen.copy_context = _copy_context if on else orig["copy_context"]
     fast_downward.pddl2sas = _last_game_memo(orig["pddl2sas"]) if on else orig["pddl2sas"]
 

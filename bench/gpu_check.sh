@@ -28,6 +28,9 @@
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
 # inspect: the eval mode's inspection timing (default groups, then 64 at a time), with CKPT=dir, the sweep's N = all
 #        warm start, or else a 1-epoch SFT on 400 trajectories trained first.
+# speed: issues 10 and 11 in one call after a setup call that left row 4's JSON in /root/w/row4.json (bench/RESULTS.md,
+#        "The next GPU session"): the SFT of all expert data on row 4's fastest path, the 134 valid_unseen games with
+#        and without CUDA graphs, inspection of 400 trajectories, within SPEED_BUDGET seconds
 # graphs: --cuda-graphs (the cached policy's decode steps replayed as CUDA graphs): one decode step of 64 rows after
 #        1,000 columns (DynamicCache, slot cache, graph), the 134 valid_unseen games with and without it (wall seconds,
 #        same actions per game), then inspection of 400 trajectories (tree-decoded: no graphs); CKPT or a checkpoint
@@ -42,7 +45,7 @@
 #        (SWEEP_SPLITS) plays it with its kept checkpoint.
 # Every mode's OUT also comes back whole as OUT/all.tar.gz (the link returns 8 files, 2 folders down).
 set -uo pipefail
-mode=${1:?usage: bench/gpu_check.sh eval|train|fsdp|auto|sweep|inspect|breakdown|graphs OUT}
+mode=${1:?usage: bench/gpu_check.sh eval|train|speed|fsdp|auto|sweep|inspect|breakdown|graphs OUT}
 out=${2:?usage: bench/gpu_check.sh MODE OUT}
 mkdir -p "$out"
 quiet() { tr '\r' '\n' | grep -v 'it/s\]'; }
@@ -197,7 +200,7 @@ elif [ "$mode" = sweep ]; then
   done
   python bench/sweep.py report "$sw" --md "$out/sweep.md" --plot "$out/sweep.png" > "$out/report.log" 2>&1
 else
-  echo "error: mode $mode: expected eval, train, fsdp, auto, sweep, inspect, breakdown or graphs"; exit 2
+  echo "error: mode $mode: expected eval, train, speed, fsdp, auto, sweep, inspect, breakdown or graphs"; exit 2
 fi
 # the device link returns at most 8 files, at most 2 folders down (../.library/device/README.md): everything also goes
 # into one archive, folders leave OUT, and past 8 files only the archive, device.txt and the reports stay
