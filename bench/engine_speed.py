@@ -83,7 +83,8 @@ def main() -> None:
         print(f"{name}: {len(games)} games, load + reset {passes[name]['load_s']:.2f} s, "
               f"{n_steps} steps at {passes[name]['step_ms']:.1f} ms", flush=True)
     played = {k: v.pop("played") for k, v in passes.items()}
-    same = {k: sum(played[f"{k}fast_textworld"][g] == played[f"{k}textworld"][g] for g in games) for k in ("expert/", "")}
+    same = {k: sum(played[f"{k}fast_textworld"][g] == played[f"{k}textworld"][g] for g in games)
+            for k in ("expert/", "")}
     res = {"split": args.split, "games": len(games), "same_with_expert": same["expert/"], "same": same[""],
            "step_ratio": passes["textworld"]["step_ms"] / passes["fast_textworld"]["step_ms"],
            "load_ratio": passes["textworld"]["load_s"] / passes["fast_textworld"]["load_s"], **passes}

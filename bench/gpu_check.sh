@@ -90,7 +90,8 @@ runs = [{json.loads(x)["game"]: json.loads(x) for x in open(f"{sys.argv[1]}/eval
         for g in ("no-cuda-graphs", "cuda-graphs")]
 same = [g for g in runs[0] if g in runs[1] and [s["action"] for s in runs[0][g]["transcript"]]
         == [s["action"] for s in runs[1][g]["transcript"]]]
-print(json.dumps({"games": len(runs[0]), "same_actions": len(same), "won": [sum(r["won"] for r in x.values()) for x in runs]}))
+won = [sum(r["won"] for r in x.values()) for x in runs]
+print(json.dumps({"games": len(runs[0]), "same_actions": len(same), "won": won}))
 PY
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$out/device.txt"
