@@ -2023,6 +2023,22 @@ def test_a_loading_game_holds_up_no_live_episode(tmp_path, monkeypatch):
     assert late in calls[-1]
 
 
+def test_game_starts_wait_for_a_free_core(tmp_path):
+    """At most max_loading games load at once: with one, the first turn plays the first game alone, while the next
+    loads; with three, all three start together and the first turn waits for them all (no one else is playing)."""
+    games = list(FIRST_SEEN)
+    for max_loading, first in ((1, {games[0]}), (3, set(games))):
+        calls, play = [], replay({g: PLANS[g] for g in games})
+
+        def act(histories):
+            calls.append({h.game_file for h in histories})
+            return play(histories)
+
+        summary = envs.evaluate("alfworld", "valid_seen", act, tmp_path / f"e{max_loading}.jsonl", games=games,
+                                batch_size=3, max_steps=10, max_loading=max_loading)
+        assert summary["n"] == 3 and summary["success"] == 1.0 and calls[0] == first
+
+
 def test_evaluate_resumes_where_it_stopped(tmp_path, monkeypatch):
     """Rerunning with the same out_jsonl plays only the games not yet recorded; the summary covers all of them.
     Freed memory goes back to the OS before the first engine forks, and only when there is a game to play."""

@@ -4,6 +4,8 @@ command list and hand-coded expert plan came out the same.
 
     python bench/engine_speed.py --split valid_unseen --games 134          # every unseen game (2-core CPU: ~8 min)
     python bench/engine_speed.py --transcripts runs/x/eval/final/valid_unseen.jsonl   # the actions a policy played
+    python bench/engine_speed.py --harness 64 64 20 --repeats 2   # evaluate() with a no-op policy: game starts one
+                                                                   # per core at a time vs all at once
 
 Actions: each eval record's transcript (--transcripts), or else the hand-coded expert's plan with a random
 admissible command at every third step (seeded), up to --max-steps, so that the games also pass through states the
@@ -50,6 +52,29 @@ def play(game: str, actions: list[str] | None, max_steps: int, rng: random.Rando
     return chosen, outputs, t1 - t0, t2 - t1
 
 
+def harness(games: int, batch: int, turns: int, repeats: int) -> dict:
+    """envs.evaluate() with a policy that costs nothing (it cycles through four commands), on the first valid_seen
+    games: wall seconds and the engines' CPU seconds, with at most one game loading per core (the default) and with
+    every free slot's game loading at once (before), alternating."""
+    import os
+    import tempfile
+
+    commands = ["look", "inventory", "go to shelf 1", "go to drawer 1"]
+    play = lambda hs: [f"Action: {commands[len(h.steps) % 4]}" for h in hs]  # noqa: E731
+    todo, res = envs.list_games("alfworld", "valid_seen")[:games], {"one per core": [], "all at once": []}
+    for _ in range(repeats):
+        for name, max_loading in (("all at once", batch), ("one per core", 0)):
+            with tempfile.TemporaryDirectory() as d:
+                t0, c0 = time.perf_counter(), os.times()
+                envs.evaluate("alfworld", "valid_seen", play, Path(d) / "e.jsonl", games=todo, batch_size=batch,
+                              max_steps=turns, max_loading=max_loading)
+                c1 = os.times()
+            cpu = c1.children_user + c1.children_system - c0.children_user - c0.children_system
+            res[name].append({"wall_s": round(time.perf_counter() - t0, 1), "engines_cpu_s": round(cpu, 1)})
+            print(f"{games} games, {batch} at once, {turns} turns, game starts {name}: {res[name][-1]}", flush=True)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--split", default="valid_unseen", choices=envs.ALFWORLD_SPLITS)
@@ -58,7 +83,15 @@ def main() -> None:
     p.add_argument("--transcripts", default="", help="an eval JSONL: replay its games' actions instead")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the result as JSON here")
+    p.add_argument("--harness", nargs=3, type=int, metavar=("GAMES", "BATCH", "TURNS"),
+                   help="instead: evaluate() with a no-op policy, game starts capped per core vs all at once")
+    p.add_argument("--repeats", type=int, default=1, help="--harness: runs of each setting, alternating")
     args = p.parse_args()
+    if args.harness:
+        res = harness(*args.harness, args.repeats)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        return
     if args.transcripts:
         recs = [json.loads(x) for x in Path(args.transcripts).read_text().splitlines() if x.strip()]
         plan = {r["game"]: [s["action"] for s in r["transcript"]] for r in recs}
