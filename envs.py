@@ -1168,8 +1168,8 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
             while todo or any(episodes):
                 # 1. start a game in every free slot; the engines load in parallel, and while the policy plays the
                 #    live episodes: a loading game (1-2 s) joins the turn after it is ready, and holds up no one. At
-                #    most one load per core at a time: more only share the cores (64 at once on 2 cores took 2.5x the
-                #    CPU time), and the first games start playing sooner
+                #    most one load per core at a time: more only crowd the cores (a quarter more engine CPU time for
+                #    64 games on 2 cores, bench/RESULTS.md), and the first games start playing sooner
                 loading = sum(ep is not None and ep["history"] is None for ep in episodes)
                 for i in range(n_slots):
                     if episodes[i] is None and todo and loading < max_loading:
