@@ -1214,8 +1214,14 @@ def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: 
     prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in mine]
     logps, n_tok = [torch.zeros(0, device=rt.device)], 0
     with torch.no_grad(), gathered(model, rt):
-        replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0,
-                           f"held-out c{cycle}")
+        if cfg.eval_cache and full_attention(model):  # greedy, as inspection decodes: a trajectory prefilled once
+            encs = list({id(e): e for e, _ in mine}.values())
+            row = {id(e): i for i, e in enumerate(encs)}
+            replies = inspect_tree(dataclasses.replace(cfg, temperature=0.0), rt, model, tok, encs,
+                                   [(row[id(e)], t) for e, t in mine], 0, f"held-out c{cycle}")
+        else:
+            replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0,
+                               f"held-out c{cycle}")
         for mb in batched(mine, gen_batch(cfg, rt)):
             packed = pack_tree([e for e, _ in mb], [[t] for _, t in mb], [[] for _ in mb], rt.device)
             with rt.autocast():

@@ -838,6 +838,27 @@ def test_tree_inspection_equals_generate_with_one_prefill_per_trajectory(monkeyp
     assert len({i.agent for i in plain}) > 1 and [i.agent for i in cold] == [i.agent for i in plain]
 
 
+def test_heldout_metrics_decode_as_trees_with_generates_replies(monkeypatch):
+    """heldout_metrics' greedy replies through inspect_tree (--eval-cache, the default) equal generate()'s
+    (--no-eval-cache): the same agreement and log-probs on held-out steps of several trajectories, some with two."""
+    tok, model = tiny_tokenizer(), tiny_model("sdpa", seed=1)
+    with torch.no_grad():
+        model.model.norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    encs = [encode(make_traj(n, seed=60 + n)) for n in (5, 3, 4)]
+    heldout = [(encs[0], 1), (encs[1], 2), (encs[0], 4), (encs[2], 0), (encs[2], 3)]
+    cfg = small_cfg(max_new_tokens=6, gen_batch_size=2, temperature=1.0)  # held-out replies are greedy anyway
+    tree, normalize, trees, said = sa.inspect_tree, sa.data.normalize_action, [], []
+    monkeypatch.setattr(sa, "inspect_tree", lambda *a: trees.append(1) or tree(*a))
+    monkeypatch.setattr(sa.data, "normalize_action", lambda text: said.append(text) or normalize(text))
+    out = {}
+    for cache in (False, True):
+        trees.clear(), said.clear()
+        out[cache] = sa.heldout_metrics(replace(cfg, eval_cache=cache), CPU, model, tok, heldout, 1), list(said)
+        assert len(trees) == cache
+    assert out[True] == out[False]  # the metrics, and each reply next to its expert action
+    assert len(set(out[True][1][0::2])) > 1  # the replies differ from prefix to prefix
+
+
 def test_branches_prefill_trunks_in_chunks_of_rows():
     """PrefixCachedPolicy.branches prefills its trunks in forwards of at most prefill_tokens tokens (row by row here,
     each written at its own rows of the cache): the same replies as one forward, and as generate() on each prefix."""

@@ -8,6 +8,7 @@ bookkeeping, and the harness (engine steps, game starts, pipes), for one policy 
     python bench/eval_breakdown.py --inspect 32 --inspect-steps 2 --samples 2 --new-tokens 48 --checkpoint CK \
         --no-generate   # a sweep cell's inspection settings, the cached path alone
     python bench/eval_breakdown.py --decode 24 1000 --dtype bf16   # a decode step: DynamicCache vs the slot cache
+    python bench/eval_breakdown.py --heldout 24 32 --new-tokens 48 --checkpoint CK   # held-out metrics: generate vs tree
     STEPAGENT_BENCH_CODE=DIR python bench/eval_breakdown.py ...   # the same for the code in DIR (e.g. bench.OLD's)
 
 Times are wall seconds in the policy's process (on CUDA each timed call synchronizes, so a kernel's time counts where
@@ -108,6 +109,27 @@ def inspection_speed(model_name: str, n: int, new_tokens: int, checkpoint: str =
     print(line)
 
 
+def heldout_speed(model_name: str, n: int, steps: int, new_tokens: int, checkpoint: str = "") -> None:
+    """heldout_metrics on `steps` random expert steps of n median-length trajectories: generate() re-encoding each
+    prefix (--no-eval-cache) vs inspect_tree (each trajectory prefilled once), one after the other; same metrics?"""
+    import random
+
+    rt = bench.runtime()
+    model, tok = stepagent.load_policy(checkpoint, rt) if checkpoint else bench.load_model(model_name, rt)
+    encs = bench.expert_set(tok, os.environ.get("ALFWORLD_DATA") or str(bench.ROOT.parent / "shared" / "alfworld"),
+                            n, 0.5)
+    heldout = random.Random(0).sample([(e, t) for e in encs for t in range(len(e.action_spans))], steps)
+    times, metrics = {}, {}
+    for cache in (False, True):
+        cfg = stepagent.Config(max_new_tokens=new_tokens, eval_cache=cache)
+        t0 = time.perf_counter()
+        metrics[cache] = stepagent.heldout_metrics(cfg, rt, model.eval(), tok, heldout, 1)
+        times[cache] = time.perf_counter() - t0
+    print(f"{checkpoint or model_name}: held-out metrics on {steps} steps of {len(encs)} trajectories: generate "
+          f"{times[False]:.1f} s, tree {times[True]:.1f} s ({times[False] / times[True]:.2f}x); same metrics: "
+          f"{metrics[False] == metrics[True]} ({metrics[True]})")
+
+
 def decode_step(model_name: str, rows: int, columns: int, dtype: str, steps: int = 12) -> None:
     """One decode step of `rows` episodes after `columns` cached tokens: transformers' DynamicCache (a torch.cat of the
     whole cache per layer per token) vs the cached policy's slot cache (each row written in place at its own column),
@@ -174,11 +196,15 @@ if __name__ == "__main__":
     p.add_argument("--inspect-steps", type=int, default=0, metavar="S", help="--inspect: S random steps per trajectory")
     p.add_argument("--samples", type=int, default=1, metavar="K", help="--inspect: K replies per step")
     p.add_argument("--no-generate", action="store_true", help="--inspect: time the KV-cached path alone")
+    p.add_argument("--heldout", nargs=2, type=int, metavar=("N", "STEPS"),
+                   help="time heldout_metrics on STEPS random steps of N trajectories instead (generate vs tree)")
     p.add_argument("--decode", nargs=2, type=int, metavar=("ROWS", "COLUMNS"),
                    help="time one decode step with transformers' DynamicCache vs the slot cache instead")
     a = p.parse_args()
     if a.decode:
         decode_step(a.model, *a.decode, a.dtype)
+    elif a.heldout:
+        heldout_speed(a.model, *a.heldout, a.new_tokens, a.checkpoint)
     elif a.inspect:
         inspection_speed(a.model, a.inspect, a.new_tokens, a.checkpoint, a.inspect_steps, a.samples, not a.no_generate)
     else:
