@@ -28,7 +28,7 @@
 #        --dist fsdp and --dist fsdp --grad-checkpoint, peak memory of each (bench/fsdp_memory.py; ~5 min).
 # inspect: the eval mode's inspection timing (default groups, then 64 at a time), with CKPT=dir, the sweep's N = all
 #        warm start, or else a 1-epoch SFT on 400 trajectories trained first.
-# speed: issues 10 and 11 in one call after a setup call that left row 4's JSON in /root/w/row4.json (bench/RESULTS.md,
+# speed: issues 10 and 11 in one call after a setup call that left row 4's JSON or log in /root/w (bench/RESULTS.md,
 #        "The next GPU session"): the SFT of all expert data on row 4's fastest path, the 134 valid_unseen games with
 #        and without CUDA graphs, inspection of 400 trajectories, within SPEED_BUDGET seconds
 # graphs: --cuda-graphs (the cached policy's decode steps replayed as CUDA graphs): one decode step of 64 rows after
@@ -113,14 +113,18 @@ elif [ "$mode" = train ]; then  # what the 2026-11-27 row 4 left open (bench/RES
     cp /root/w/runs/sft-$path/metrics.jsonl "$out/sft-$path-metrics.jsonl"
   done
 elif [ "$mode" = speed ]; then  # issues 10 and 11 in one call after the setup call, which ran row 4 for the 135M at 32
-  # trajectories into /root/w/row4.json: the SFT of all expert data (32 trajectories per forward) on the path row 4
-  # found fastest, then the 134 valid_unseen games with --cuda-graphs, inspection of 400 trajectories, the games
+  # trajectories into /root/w/row4.json (or its log, /root/w/row4.log): the SFT of all expert data (32 trajectories
+  # per forward) on the path row 4 found fastest, then the 134 valid_unseen games with --cuda-graphs, inspection of
+  # 400 trajectories, the games
   # without --cuda-graphs (same actions expected); each part under its own timeout, the most wanted first, and all
   # of them within SPEED_BUDGET seconds (default 500), so that the packing at the end runs before the call's limit
   cap() { local left=$(( ${SPEED_BUDGET:-500} - SECONDS )); echo $(( left < $1 ? left : $1 )); }
   path=$(python - <<'PY'
-import json, os
+import json, os, re
 r = json.load(open("/root/w/row4.json"))["gpu"]["135m"] if os.path.exists("/root/w/row4.json") else {}
+if not r and os.path.exists("/root/w/row4.log"):  # row 4 stopped by its timeout: the settings it printed
+    r = {m[1]: json.loads(m[2]) for m in re.finditer(r"^row 4 135m (\S+): (\{.*\})$", open("/root/w/row4.log").read(),
+                                                    re.M)}
 t = {p: r[f"{p}/sft/bf16"]["seconds"] for p in ("old", "new", "compiled") if "seconds" in r.get(f"{p}/sft/bf16", {})}
 print(min(t, key=t.get) if t else "new")
 PY
