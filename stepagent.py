@@ -1211,7 +1211,6 @@ def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: 
     if not heldout:
         return {}
     mine = heldout[rt.rank::rt.world]
-    prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in mine]
     logps, n_tok = [torch.zeros(0, device=rt.device)], 0
     with torch.no_grad(), gathered(model, rt):
         if cfg.eval_cache and full_attention(model):  # greedy, as inspection decodes: a trajectory prefilled once
@@ -1219,7 +1218,8 @@ def heldout_metrics(cfg: Config, rt: Runtime, model, tok, heldout: list, cycle: 
             row = {id(e): i for i, e in enumerate(encs)}
             replies = inspect_tree(dataclasses.replace(cfg, temperature=0.0), rt, model, tok, encs,
                                    [(row[id(e)], t) for e, t in mine], 0, f"held-out c{cycle}")
-        else:
+        else:  # the reference path: each h_t encoded on its own
+            prompts = [enc.input_ids[:enc.action_spans[t][0]] for enc, t in mine]
             replies = generate(model, tok, rt, prompts, 0.0, cfg.max_new_tokens, gen_batch(cfg, rt), 0,
                                f"held-out c{cycle}")
         for mb in batched(mine, gen_batch(cfg, rt)):
