@@ -1108,17 +1108,17 @@ def spread_games(env: str, games: list[str], n: int | None) -> list[str]:
 def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str]], out_jsonl: str | Path,
              n_games: int | None = None, batch_size: int = 8, max_steps: int | None = None,
              data_dir: str | Path | None = None, step_timeout: float = 60.0, games: list[str] | None = None,
-             max_loading: int = 0) -> dict:
+             max_loading: int | None = None) -> dict:
     """Play the first n_games of a split (or the given games), up to batch_size live episodes, ONE act_fn call per turn.
 
     act_fn(histories) -> replies: each history is a data.Trajectory of the episode so far (task = first observation),
     rendered by the policy exactly as in training; the env gets data.parse_action(reply). Each finished episode is
     one flushed JSONL line (game, task_type, steps, won, reward, error, max_steps, seconds, task, transcript);
     rerunning with the same out_jsonl skips games already there. An engine error, crash, or a step slower than
-    step_timeout fails that episode only. At most max_loading games load at once (0: one per core). max_steps=None:
-    the env's default (ALFWorld 40; ScienceWorld ETO's per-task caps). data_dir: the ALFWorld data folder, or
-    WebShop's server URL. Returns summarize() over the requested games found in out_jsonl (reward: ALFWorld 0/1,
-    ScienceWorld the score 0-100, WebShop 0-1).
+    step_timeout fails that episode only. At most max_loading games load at once (None: every free slot's game).
+    max_steps=None: the env's default (ALFWorld 40; ScienceWorld ETO's per-task caps). data_dir: the ALFWorld data
+    folder, or WebShop's server URL. Returns summarize() over the requested games found in out_jsonl (reward:
+    ALFWorld 0/1, ScienceWorld the score 0-100, WebShop 0-1).
     """
     _check_env(env)
     max_steps = max_steps or DEFAULT_MAX_STEPS[env]
@@ -1136,8 +1136,6 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
     kw = _env_kwargs(env, max_steps, data_dir)
     start_timeout = max(step_timeout, 60.0)  # loading a game (and a JVM) is slower than a step, more so under load
     n_slots = max(1, min(batch_size, len(todo)))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    max_loading = max_loading or max(1, cores)
     if todo:
         _release_freed_memory()
     workers: list[_Worker | None] = [None] * n_slots
@@ -1167,12 +1165,12 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
         try:
             while todo or any(episodes):
                 # 1. start a game in every free slot; the engines load in parallel, and while the policy plays the
-                #    live episodes: a loading game (1-2 s) joins the turn after it is ready, and holds up no one. At
-                #    most one load per core at a time: more only crowd the cores (a quarter more engine CPU time for
-                #    64 games on 2 cores, bench/RESULTS.md), and the first games start playing sooner
+                #    live episodes: a loading game (1-2 s) joins the turn after it is ready, and holds up no one. All
+                #    at once by default: one load per core at a time spared the engines CPU time, but a policy on the
+                #    same cores then played 25% slower (bench/RESULTS.md, "Game starts one per core")
                 loading = sum(ep is not None and ep["history"] is None for ep in episodes)
                 for i in range(n_slots):
-                    if episodes[i] is None and todo and loading < max_loading:
+                    if episodes[i] is None and todo and loading < (max_loading or n_slots):
                         loading += 1
                         game = todo.popleft()
                         workers[i] = workers[i] or _Worker(env, kw)

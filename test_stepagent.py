@@ -2044,11 +2044,11 @@ def test_a_loading_game_holds_up_no_live_episode(tmp_path, monkeypatch):
     assert late in calls[-1]
 
 
-def test_game_starts_wait_for_a_free_core(tmp_path):
+def test_game_starts_can_wait_for_each_other(tmp_path):
     """At most max_loading games load at once: with one, the first turn plays the first game alone, while the next
-    loads; with three, all three start together and the first turn waits for them all (no one else is playing)."""
+    loads; by default all three start together and the first turn waits for them all (no one else is playing)."""
     games = list(FIRST_SEEN)
-    for max_loading, first in ((1, {games[0]}), (3, set(games))):
+    for max_loading, first in ((1, {games[0]}), (None, set(games))):
         calls, play = [], replay({g: PLANS[g] for g in games})
 
         def act(histories):

@@ -4,8 +4,8 @@ command list and hand-coded expert plan came out the same.
 
     python bench/engine_speed.py --split valid_unseen --games 134          # every unseen game (2-core CPU: ~8 min)
     python bench/engine_speed.py --transcripts runs/x/eval/final/valid_unseen.jsonl   # the actions a policy played
-    python bench/engine_speed.py --harness 64 64 20 --repeats 2   # evaluate() with a no-op policy: game starts one
-                                                                   # per core at a time vs all at once
+    python bench/engine_speed.py --harness 64 64 20 --repeats 2   # evaluate() with a no-op policy: game starts all
+                                                                   # at once (the default) vs one per core at a time
 
 Actions: each eval record's transcript (--transcripts), or else the hand-coded expert's plan with a random
 admissible command at every third step (seeded), up to --max-steps, so that the games also pass through states the
@@ -54,8 +54,8 @@ def play(game: str, actions: list[str] | None, max_steps: int, rng: random.Rando
 
 def harness(games: int, batch: int, turns: int, repeats: int) -> dict:
     """envs.evaluate() with a policy that costs nothing (it cycles through four commands), on the first valid_seen
-    games: wall seconds and the engines' CPU seconds, with at most one game loading per core (the default) and with
-    every free slot's game loading at once (before), alternating."""
+    games: wall seconds and the engines' CPU seconds, with every free slot's game loading at once (the default) and
+    with at most one game loading per core, alternating."""
     import os
     import tempfile
 
@@ -63,7 +63,8 @@ def harness(games: int, batch: int, turns: int, repeats: int) -> dict:
     play = lambda hs: [f"Action: {commands[len(h.steps) % 4]}" for h in hs]  # noqa: E731
     todo, res = envs.list_games("alfworld", "valid_seen")[:games], {"one per core": [], "all at once": []}
     for _ in range(repeats):
-        for name, max_loading in (("all at once", batch), ("one per core", 0)):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        for name, max_loading in (("all at once", None), ("one per core", cores)):
             with tempfile.TemporaryDirectory() as d:
                 t0, c0 = time.perf_counter(), os.times()
                 envs.evaluate("alfworld", "valid_seen", play, Path(d) / "e.jsonl", games=todo, batch_size=batch,

@@ -50,7 +50,7 @@ def timed(totals: dict, key: str, fn):
 
 
 def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, new_tokens: int, dtype: str = "fp32",
-                     checkpoint: str = "", cuda_graphs: bool = False, keep: str = "") -> None:
+                     checkpoint: str = "", cuda_graphs: bool = False, keep: str = "", max_loading: int = 0) -> None:
     totals: dict[str, float] = collections.defaultdict(float)
     rt = stepagent.setup_runtime(stepagent.Config(dtype=dtype))
     model, tok = stepagent.load_policy(checkpoint, rt) if checkpoint else bench.load_model(model_name, rt)
@@ -71,7 +71,8 @@ def policy_breakdown(model_name: str, games: int, batch: int, max_steps: int, ne
     out = Path(keep) if keep else Path(tempfile.mkdtemp()) / "e.jsonl"  # keep: the episodes, to compare actions
     out.unlink(missing_ok=True)  # evaluate() resumes from a file it finds
     t0 = time.perf_counter()
-    envs.evaluate("alfworld", "valid_seen", timed(totals, "policy", act), out, games, batch, max_steps)
+    more = {"max_loading": max_loading} if max_loading else {}  # (older envs.evaluate has no such argument)
+    envs.evaluate("alfworld", "valid_seen", timed(totals, "policy", act), out, games, batch, max_steps, **more)
     wall = time.perf_counter() - t0
     turns = sum(json.loads(line)["steps"] for line in out.read_text().splitlines())
     totals["cache bookkeeping"] = totals["policy"] - sum(totals[k] for k in ("render + tokenise", "prefill", "decode"))
@@ -192,6 +193,7 @@ if __name__ == "__main__":
     p.add_argument("--engine", action="store_true", help="time one engine alone instead")
     p.add_argument("--cuda-graphs", action="store_true", help="decode steps as CUDA graphs (CUDA; stepagent's default)")
     p.add_argument("--keep", default="", metavar="FILE", help="write the played episodes (JSONL) to FILE")
+    p.add_argument("--max-loading", type=int, default=0, metavar="K", help="at most K games loading at once")
     p.add_argument("--inspect", type=int, default=0, metavar="N", help="time inspection of N trajectories instead")
     p.add_argument("--inspect-steps", type=int, default=0, metavar="S", help="--inspect: S random steps per trajectory")
     p.add_argument("--samples", type=int, default=1, metavar="K", help="--inspect: K replies per step")
@@ -209,4 +211,5 @@ if __name__ == "__main__":
         inspection_speed(a.model, a.inspect, a.new_tokens, a.checkpoint, a.inspect_steps, a.samples, not a.no_generate)
     else:
         engine_breakdown() if a.engine else policy_breakdown(a.model, a.games, a.batch, a.max_steps, a.new_tokens,
-                                                                     a.dtype, a.checkpoint, a.cuda_graphs, a.keep)
+                                                                     a.dtype, a.checkpoint, a.cuda_graphs, a.keep,
+                                                                     a.max_loading)
