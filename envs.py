@@ -1168,16 +1168,16 @@ def evaluate(env: str, split: str, act_fn: Callable[[list[Trajectory]], list[str
                 #    live episodes: a loading game (1-2 s) joins the turn after it is ready, and holds up no one. All
                 #    at once by default: one load per core at a time spared the engines CPU time, but a policy on the
                 #    same cores then played 25% slower (bench/RESULTS.md, "Game starts one per core")
-                loading = sum(ep is not None and ep["history"] is None for ep in episodes)
+                starting = [i for i in range(n_slots) if episodes[i] is not None and episodes[i]["history"] is None]
                 for i in range(n_slots):
-                    if episodes[i] is None and todo and loading < (max_loading or n_slots):
-                        loading += 1
+                    if episodes[i] is None and todo and len(starting) < (max_loading or n_slots):
+                        starting.append(i)
                         game = todo.popleft()
                         workers[i] = workers[i] or _Worker(env, kw)
                         episodes[i] = {"game": game, "task_type": task_type(env, game), "task": "", "transcript": [],
                                        "won": False, "reward": 0.0, "history": None, "t0": time.monotonic()}
                         workers[i].send("start", game, start_timeout)
-                starting = [i for i in range(n_slots) if episodes[i] is not None and episodes[i]["history"] is None]
+                starting.sort()
                 playing = len(starting) < sum(ep is not None for ep in episodes)
                 for j, (ok, out) in _gather([workers[i] for i in starting], block=not playing).items():
                     i, ep = starting[j], episodes[starting[j]]

@@ -62,8 +62,8 @@ def harness(games: int, batch: int, turns: int, repeats: int) -> dict:
     commands = ["look", "inventory", "go to shelf 1", "go to drawer 1"]
     play = lambda hs: [f"Action: {commands[len(h.steps) % 4]}" for h in hs]  # noqa: E731
     todo, res = envs.list_games("alfworld", "valid_seen")[:games], {"one per core": [], "all at once": []}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     for _ in range(repeats):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         for name, max_loading in (("all at once", None), ("one per core", cores)):
             with tempfile.TemporaryDirectory() as d:
                 t0, c0 = time.perf_counter(), os.times()
